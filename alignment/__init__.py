@@ -1,0 +1,1 @@
+"""Alignment: preference data and DPO (later reward models, PPO, GRPO, SteerLM)."""

@@ -1,0 +1,1 @@
+"""Curation: readers, cleaning, filters, dedup, tokenizer training, Megatron indexed datasets."""

@@ -1,0 +1,1 @@
+"""Deployment: Triton model repository, server lifecycle, client."""

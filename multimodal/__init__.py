@@ -1,0 +1,1 @@
+"""Multimodal recipes (text-to-image latent diffusion, NeRF): not built yet, see the README."""

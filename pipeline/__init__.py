@@ -1,0 +1,1 @@
+"""aigc pipeline: the stage contract, configs, manifests, execution and the `aigc` CLI."""

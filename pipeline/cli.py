@@ -1,0 +1,243 @@
+"""The `aigc` command line: run the chain, run one stage, show status, serve and query.
+
+    aigc run [--config tiny] [--run-dir runs/tiny] [--executor local] [--dry-run] [key=value ...]
+    aigc status [--run-dir runs/tiny]
+    aigc <stage> [--config tiny] [--run-dir DIR] [key=value ...]     (also runs missing upstream stages)
+    aigc curate --input PATH [PATH ...] --output DIR [key=value ...]
+    aigc serve [...] / aigc query "prompt" [...]                     (see `aigc serve --help`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError
+from pipeline.execution import EXECUTORS, run_stages
+from pipeline.presets import PRESETS, resolve_configs
+from pipeline.runner import make_plan, stage_dir, stage_state
+from pipeline.stage import STAGE_ORDER, get_stage
+
+# Commands owned by other packages, imported only when used (as the stage registry does).
+EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("deploy.cli:serve_main", "start Triton on an exported model repository until Ctrl-C"),
+    "query": ("deploy.cli:query_main", "send a prompt to a running Triton endpoint and print the answer"),
+}
+RUN_CONFIG_FILE = "config.json"
+
+console = Console()
+
+OVERRIDES_HELP = (
+    "key=value overrides: `stage.field=value` sets a stage setting (e.g. pretrain.max_steps=50), "
+    "`field=value` a run-wide one (threads=2, seed=7). Unknown keys are an error that lists the valid ones."
+)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Add the options shared by `run` and the per-stage commands."""
+    p.add_argument("--config", default="tiny", choices=sorted(PRESETS),
+                   help="named pipeline config (default: tiny, the 2-core CPU embedded default)")
+    p.add_argument("--run-dir", default=None, help="where stage outputs go (default: runs/<config>)")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="NeMo-Run executor that runs each stage (default: local)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (stages, fingerprints, cached or not) and run nothing")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the `aigc` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="aigc",
+        description="aigc: raw text -> curated corpus -> tokens -> pretrained (megatron-core) -> SFT/LoRA "
+        "-> DPO -> evaluated -> exported -> served by Triton. Each stage writes <run-dir>/<stage>/ "
+        "with a manifest.json and is skipped when its fingerprint is unchanged.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Stages, in order: " + " -> ".join(STAGE_ORDER),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the whole chain (cached stages are skipped)",
+                       description="Run every stage in order through NeMo-Run; stages whose fingerprint "
+                       "matches a completed manifest are skipped.")
+    _add_run_options(p)
+
+    p = sub.add_parser("status", help="show each stage: state, wall time, key metrics")
+    p.add_argument("--run-dir", default="runs/tiny", help="run directory (default: runs/tiny)")
+
+    for name in STAGE_ORDER:
+        if name in EXTERNAL_COMMANDS:
+            continue
+        p = sub.add_parser(name, help=f"run the {name} stage (and any upstream stage not yet done)",
+                           description=f"Run the {name} stage; upstream stages that are missing or "
+                           "stale run first. " + (get_stage(name).config_cls.__doc__ or ""))
+        if name == "curate":
+            p.add_argument("--input", nargs="+", default=None, metavar="PATH",
+                           help="JSONL or .txt files/directories to curate (default: the shipped corpus)")
+            p.add_argument("--output", default=None, metavar="DIR",
+                           help="write the curated corpus here instead of <run-dir>/curate")
+        _add_run_options(p)
+
+    for name, (_, text) in EXTERNAL_COMMANDS.items():
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    return Path(args.run_dir or f"runs/{args.config}")
+
+
+def _print_plan(plan: list, executor: str) -> None:
+    table = Table(title=f"plan (executor: {executor})")
+    for col in ("stage", "fingerprint", "action"):
+        table.add_column(col)
+    for item in plan:
+        table.add_row(item.name, item.fingerprint, "[green]cached" if item.cached else "[yellow]run")
+    console.print(table)
+
+
+def _key_metrics(metrics: dict[str, Any], limit: int = 4) -> str:
+    """Return the first few scalar metrics as `k=v` text."""
+    parts = []
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+        if len(parts) == limit:
+            break
+    return " ".join(parts)
+
+
+def _status_table(run_dir: Path, configs: dict[str, Any] | None, names: list[str] | None = None) -> Table:
+    """Return a table of each stage's state, wall time and key metrics."""
+    names = names or list(STAGE_ORDER)
+    fps = {p.name: p.fingerprint for p in make_plan(run_dir, configs, names)} if configs else {}
+    table = Table(title=f"aigc status: {run_dir}")
+    for col in ("stage", "state", "wall s", "key metrics"):
+        table.add_column(col)
+    colours = {"completed": "green", "failed": "red", "stale": "yellow", "not run": "dim"}
+    for name in names:
+        final = stage_dir(run_dir, name)
+        if name in fps:
+            state, record = stage_state(final, fps[name])
+        else:
+            record = None
+            state = "not run"
+            manifest = final / "manifest.json"
+            if manifest.is_file():
+                record = json.loads(manifest.read_text())
+                state = record.get("status", "unknown")
+        wall = f"{record['wall_time_s']:.1f}" if record and "wall_time_s" in record else ""
+        detail = ""
+        if record:
+            detail = record.get("error", "") if state == "failed" else _key_metrics(record.get("metrics", {}))
+        table.add_row(name, f"[{colours.get(state, 'white')}]{state}", wall, detail)
+    return table
+
+
+def _load_run_configs(run_dir: Path) -> dict[str, Any] | None:
+    """Return the configs `aigc run` last used in run_dir, or None."""
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    try:
+        return resolve_configs(saved["config"], saved["overrides"])
+    except (KeyError, ConfigError):
+        return None
+
+
+def _upstream_closure(name: str) -> list[str]:
+    """Return `name` and every stage it depends on, in chain order."""
+    needed = {name}
+    for stage_name in reversed(STAGE_ORDER):
+        if stage_name in needed:
+            needed.update(get_stage(stage_name).inputs)
+    return [n for n in STAGE_ORDER if n in needed]
+
+
+def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
+    """Run the chain (or `target` and its upstream); return the process exit code."""
+    overrides = list(args.overrides)
+    output_dir = ""
+    if target == "curate" and args.input:
+        overrides.append("curate.inputs=" + json.dumps([str(Path(p).resolve()) for p in args.input]))
+    if target == "curate" and args.output:
+        output_dir = str(Path(args.output).resolve())
+    configs = resolve_configs(args.config, overrides)
+    run_dir = _run_dir(args)
+    names = _upstream_closure(target) if target else list(STAGE_ORDER)
+    if output_dir:
+        names = ["curate"]
+    plan = make_plan(run_dir, configs, names)
+    if output_dir:
+        plan[0].cached = stage_state(Path(output_dir), plan[0].fingerprint)[0] == "completed"
+    _print_plan(plan, args.executor)
+    if args.dry_run:
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_CONFIG_FILE).write_text(
+        json.dumps({"config": args.config, "overrides": overrides}, indent=2) + "\n")
+    todo = [p.name for p in plan if not p.cached]
+    if not todo:
+        console.print(f"[green]Every stage is cached in {run_dir}: nothing to run.")
+    else:
+        run_stages(run_dir, configs, todo, executor=args.executor, output_dir=output_dir)
+    if output_dir:
+        state = stage_state(Path(output_dir), plan[0].fingerprint)[0]
+        console.print(f"curate -> {output_dir}: {state}")
+        return 0 if state == "completed" else 1
+    console.print(_status_table(run_dir, configs, names))
+    states = {n: stage_state(stage_dir(run_dir, n), p.fingerprint)[0] for n, p in zip(names, plan)}
+    failed = [n for n, s in states.items() if s != "completed"]
+    if failed:
+        console.print(f"[red]Stage {failed[0]} did not complete; logs: {run_dir}/.nemo_run/ "
+                      f"and {run_dir}/{failed[0]}.tmp/failure.json")
+        return 1
+    _print_answer(run_dir)
+    return 0
+
+
+def _print_answer(run_dir: Path) -> None:
+    """Print the Triton answer recorded by the serve stage, where there is one."""
+    manifest = stage_dir(run_dir, "serve") / "manifest.json"
+    if manifest.is_file():
+        metrics = json.loads(manifest.read_text()).get("metrics", {})
+        if "answer" in metrics:
+            console.print(f"[bold]Triton answered[/bold] {metrics.get('prompt', '')!r} -> "
+                          f"[cyan]{metrics['answer']!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `aigc` console script; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTERNAL_COMMANDS:
+        module, _, func = EXTERNAL_COMMANDS[argv[0]][0].partition(":")
+        return getattr(importlib.import_module(module), func)(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "status":
+            run_dir = Path(args.run_dir)
+            console.print(_status_table(run_dir, _load_run_configs(run_dir)))
+            return 0
+        if args.command in STAGE_ORDER:
+            return cmd_run(args, target=args.command)
+    except (ConfigError, KeyError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The stage contract: what a stage is, what it receives, what it returns, and the registry.
+
+A stage is a function `run(ctx: StageContext) -> StageResult`. It reads its
+inputs through `ctx.input_path(stage, role)`, writes only under `ctx.out_dir`
+(a temporary directory renamed into place on success), and returns the roles of
+the files it wrote plus its metrics. The runner (pipeline.runner) does the rest:
+fingerprints, caching, atomic rename, manifest.
+
+Packages other than `pipeline` register stages here by module path only, so the
+pipeline imports them lazily and never directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+# Stage order of the LLM chain, and the light module that defines each stage's
+# `STAGE` object (config class + path of the run function). Heavy imports
+# (torch, megatron, ray, tritonclient) belong in the run function's module.
+STAGE_ORDER: tuple[str, ...] = (
+    "curate",
+    "tokenize",
+    "pretrain",
+    "sft",
+    "align",
+    "evaluate",
+    "export",
+    "serve",
+)
+STAGE_MODULES: dict[str, str] = {
+    "curate": "curation.stages",
+    "tokenize": "curation.stages",
+    "pretrain": "recipes.stages",
+    "sft": "recipes.stages",
+    "align": "alignment.stages",
+    "evaluate": "recipes.stages",
+    "export": "deploy.stages",
+    "serve": "deploy.stages",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: its name, config class, run function path, upstream stages."""
+
+    name: str
+    config_cls: type
+    run: str  # "package.module:function", imported only when the stage runs
+    inputs: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()  # packages/files whose source is in the fingerprint (default: run's package)
+
+    def load_run(self) -> Callable[["StageContext"], "StageResult"]:
+        """Return the stage's run function (imports its module)."""
+        module, _, func = self.run.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a stage returns: output roles -> paths relative to out_dir, and metrics."""
+
+    outputs: dict[str, str]
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class StageContext:
+    """Everything a running stage may use."""
+
+    name: str
+    config: Any
+    run_dir: Path
+    out_dir: Path  # write here only; renamed to run_dir/name on success
+    inputs: dict[str, dict]  # upstream stage name -> its manifest (dict)
+    threads: int = 1
+    seed: int = 1234
+
+    def input_path(self, stage: str, role: str) -> Path:
+        """Return the absolute path of output `role` of upstream `stage`."""
+        if stage not in self.inputs:
+            raise KeyError(f"stage {self.name!r} did not declare {stage!r} as an input")
+        outputs = self.inputs[stage]["outputs"]
+        if role not in outputs:
+            raise KeyError(f"stage {stage!r} has no output {role!r}; it has {sorted(outputs)}")
+        return self.run_dir / stage / outputs[role]["path"]
+
+    def input_metrics(self, stage: str) -> dict:
+        """Return the metrics recorded by upstream `stage`."""
+        return self.inputs[stage].get("metrics", {})
+
+
+def get_stage(name: str) -> Stage:
+    """Return the registered `Stage` called `name`."""
+    if name not in STAGE_MODULES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_ORDER)}")
+    module = importlib.import_module(STAGE_MODULES[name])
+    return getattr(module, "STAGES")[name]
+
+
+def all_stages() -> list[Stage]:
+    """Return every registered stage in chain order."""
+    return [get_stage(n) for n in STAGE_ORDER]

@@ -1,0 +1,1 @@
+"""Recipes: model configs, megatron-core pretraining, SFT/LoRA, evaluation, HF export."""

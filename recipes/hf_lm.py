@@ -1,0 +1,143 @@
+"""What the sft, align and evaluate stages do with an HF causal LM: load, encode, score, generate.
+
+Chat sequences are tokenized exactly as `tokenizer.apply_chat_template(...,
+tokenize=True)` does (no special tokens added beyond the template's), which is
+also how TRL tokenizes conversational data, so SFT, DPO and generation see the
+same token sequences.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+IGNORE = -100  # label of a position that is not scored
+
+
+def load_causal_lm(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (fp32 model in eval mode, tokenizer) of the local HF checkpoint at `path`."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Return the token ids of `messages` rendered by the tokenizer's chat template."""
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
+    return list(encoded["input_ids"])
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> dict[str, list[int]]:
+    """Return {"input_ids", "labels"} of a chat; labels are IGNORE except on assistant turns.
+
+    An assistant turn is everything the template renders for it after the
+    generation prompt (content, eos, trailing newline), as TRL's completion
+    mask has it. Sequences longer than `max_length` keep their start.
+    """
+    input_ids = chat_ids(tokenizer, messages)
+    labels = [IGNORE] * len(input_ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ValueError("a chat must not open with an assistant turn: it has no prompt to answer")
+        prompt = chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = chat_ids(tokenizer, messages[: i + 1])
+        start = len(prompt)
+        if upto[:start] != prompt or input_ids[: len(upto)] != upto:
+            raise ValueError(
+                f"chat template does not render turn {i} as a token prefix of the whole chat; "
+                "assistant tokens cannot be located"
+            )
+        labels[start : len(upto)] = upto[start:]
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+def encode_document(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> dict[str, list[int]]:
+    """Return {"input_ids", "labels"} of plain text as bos + tokens + eos, every token after bos scored."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    ids = ids[:max_length]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def pad_batch(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Return right-padded tensors input_ids, attention_mask, labels, each (B, T)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@torch.no_grad()
+def batch_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """Return (summed next-token NLL, number of scored tokens) of a padded batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return nll.item(), int((targets != IGNORE).sum())
+
+
+def mean_nll(
+    model: PreTrainedModel,
+    examples: list[dict[str, list[int]]],
+    pad_id: int,
+    batch_size: int,
+    max_batches: int = 0,
+    desc: str = "nll",
+) -> tuple[float, int]:
+    """Return (token-weighted mean NLL, scored tokens) over `examples` (max_batches 0 = all)."""
+    model.eval()
+    starts = list(range(0, len(examples), batch_size))
+    if max_batches:
+        starts = starts[:max_batches]
+    total, count = 0.0, 0
+    for s in tqdm(starts, desc=desc, leave=False):
+        nll, n = batch_nll(model, pad_batch(examples[s : s + batch_size], pad_id))
+        total, count = total + nll, count + n
+    if count == 0:
+        raise ValueError("no scored tokens: every example is empty or fully masked")
+    return total / count, count
+
+
+def perplexity(mean_token_nll: float) -> float:
+    """Return exp(mean token NLL)."""
+    return math.exp(mean_token_nll)
+
+
+@torch.no_grad()
+def greedy_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int) -> str:
+    """Return the model's greedy reply (HF generate, KV cache) to one user message."""
+    ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    input_ids = torch.tensor([ids])  # (1, T)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # (1, T + new)
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)

@@ -1,0 +1,88 @@
+"""A three-stage toy registry (a -> b -> c) used to test the stage contract itself.
+
+Stage `b` counts in steps, checkpointing its progress in its work directory, so a
+kill in the middle can be resumed; env TOY_SLEEP_S makes it sleep between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from pipeline import stage as registry
+from pipeline.config import RunConfig
+from pipeline.stage import Stage, StageResult
+
+
+@dataclasses.dataclass
+class AConfig:
+    text: str = "hello"
+    fail: bool = False
+
+
+@dataclasses.dataclass
+class BConfig:
+    steps: int = 5
+
+
+@dataclasses.dataclass
+class CConfig:
+    suffix: str = "!"
+
+
+def run_a(ctx):
+    if ctx.config.fail:
+        (ctx.out_dir / "partial.txt").write_text("half")
+        raise RuntimeError("planted failure in stage a")
+    (ctx.out_dir / "a.txt").write_text(ctx.config.text)
+    return StageResult(outputs={"text": "a.txt"}, metrics={"chars": len(ctx.config.text)})
+
+
+def run_b(ctx):
+    text = ctx.input_path("a", "text").read_text()
+    ckpt = ctx.out_dir / "ckpt.json"
+    state = json.loads(ckpt.read_text()) if ckpt.exists() else {"step": 0, "acc": ""}
+    started_at = state["step"]
+    while state["step"] < ctx.config.steps:
+        state["acc"] += text[state["step"] % len(text)]
+        state["step"] += 1
+        tmp = ckpt.with_suffix(".part")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, ckpt)
+        time.sleep(float(os.environ.get("TOY_SLEEP_S", "0")))  # not config: same fingerprint
+    (ctx.out_dir / "b.txt").write_text(state["acc"])
+    calls = ctx.run_dir / "b_calls.txt"
+    with open(calls, "a") as f:
+        f.write(f"{started_at}\n")
+    return StageResult(outputs={"text": "b.txt"}, metrics={"resumed_from_step": started_at})
+
+
+def run_c(ctx):
+    text = ctx.input_path("b", "text").read_text()
+    (ctx.out_dir / "out").mkdir()
+    (ctx.out_dir / "out" / "c.txt").write_text(text + ctx.config.suffix)
+    return StageResult(outputs={"dir": "out"}, metrics={"chars": len(text) + 1})
+
+
+STAGES = {
+    "a": Stage("a", AConfig, "contract_stages:run_a", code=("tests/contract_stages.py",)),
+    "b": Stage("b", BConfig, "contract_stages:run_b", inputs=("a",), code=("tests/contract_stages.py",)),
+    "c": Stage("c", CConfig, "contract_stages:run_c", inputs=("b",), code=("tests/contract_stages.py",)),
+}
+
+
+def install() -> None:
+    """Point the pipeline's stage registry at these toy stages."""
+    registry.STAGE_ORDER = ("a", "b", "c")
+    registry.STAGE_MODULES = {n: "contract_stages" for n in registry.STAGE_ORDER}
+
+
+def configs(**overrides) -> dict:
+    """Return a config dict for the toy chain."""
+    cfg = {"run": RunConfig(), "a": AConfig(), "b": BConfig(), "c": CConfig()}
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        setattr(cfg[section], field, value)
+    return cfg

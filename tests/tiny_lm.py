@@ -1,0 +1,118 @@
+"""Builders of tiny real inputs for the sft/align/evaluate tests (not fixtures: plain functions).
+
+A byte-level BPE trained here on Python's own documentation, a randomly
+initialised 2-layer Llama, a JSONL corpus of documentation paragraphs, and the
+layout of upstream stage outputs that `StageContext.input_path` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def doc_paragraphs(min_chars: int = 80) -> list[dict]:
+    """Return pydoc_data.topics split into paragraph documents {"id", "text"}."""
+    from pydoc_data.topics import topics
+
+    docs = []
+    for topic in sorted(topics):
+        for i, para in enumerate(re.split(r"\n\s*\n", topics[topic])):
+            text = para.strip()
+            if len(text) >= min_chars:
+                docs.append({"id": f"{topic}-{i}", "text": text})
+    return docs
+
+
+def write_corpus(directory: Path, docs: list[dict], shards: int = 2) -> Path:
+    """Write `docs` as JSONL shards `part-*.jsonl` in `directory`; return the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with open(directory / f"part-{s:05d}.jsonl", "w") as f:
+            for doc in docs[s::shards]:
+                f.write(json.dumps(doc) + "\n")
+    return directory
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """Return a PreTrainedTokenizerFast (byte-level BPE, chat template) trained on pydoc text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator((d["text"] for d in doc_paragraphs()), trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_model(tokenizer, hidden: int = 48, layers: int = 2, seed: int = 0):
+    """Return a randomly initialised fp32 LlamaForCausalLM sized for `tokenizer`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def save_hf(directory: Path, model, tokenizer) -> Path:
+    """Save `model` and `tokenizer` as an HF checkpoint in `directory`; return it."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def stage_manifest(outputs: dict[str, str]) -> dict:
+    """Return a manifest-shaped dict naming `outputs` (role -> path relative to the stage dir)."""
+    return {"status": "completed", "outputs": {role: {"path": rel} for role, rel in outputs.items()}, "metrics": {}}
+
+
+def make_context(run_dir: Path, name: str, config, inputs: dict[str, dict[str, str]]):
+    """Return a StageContext for stage `name` with upstream outputs laid out under `run_dir`."""
+    from pipeline.stage import StageContext
+
+    out_dir = run_dir / f"{name}.tmp"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return StageContext(
+        name=name,
+        config=config,
+        run_dir=run_dir,
+        out_dir=out_dir,
+        inputs={up: stage_manifest(outs) for up, outs in inputs.items()},
+        threads=1,
+        seed=1234,
+    )
