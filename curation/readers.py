@@ -77,7 +77,7 @@ def _read_jsonl(path: Path, text_field: str, id_field: str) -> ReadResult:
                 continue
             seen += 1
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8").rstrip("\r\n"))
             except UnicodeDecodeError as exc:
                 rejects.append(_reject(path, number, "invalid_utf8", str(exc), raw))
                 continue

@@ -9,13 +9,22 @@ from pipeline.stage import Stage
 
 @dataclasses.dataclass
 class CurateConfig:
-    """Settings of the `curate` stage. Empty `inputs` means the corpus shipped with aigc."""
+    """Settings of the `curate` stage. Empty `inputs` means the corpus shipped with aigc.
+
+    `inputs`: .jsonl / .txt files or directories of them (see curation.readers).
+    `ray_address`: "" starts a fresh local Ray of `ray_cpus` CPUs; else the cluster to join.
+    """
 
     inputs: list[str] = dataclasses.field(default_factory=list)
     text_field: str = "text"
     id_field: str = "id"
-    max_docs: int = 0  # 0 = all documents
-    max_rejects_fraction: float = 0.5
+    max_docs: int = 0  # 0 = all documents; else a seeded sample of this many
+    max_rejects_fraction: float = 0.1  # malformed lines / input lines above this fail the stage
+    min_words: int = 20  # WordCountFilter
+    max_symbol_to_word_ratio: float = 0.1  # SymbolsToWordsFilter
+    docs_per_shard: int = 50000
+    ray_address: str = ""
+    ray_cpus: int = 2
 
 
 @dataclasses.dataclass

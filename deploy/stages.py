@@ -9,9 +9,14 @@ from pipeline.stage import Stage
 
 @dataclasses.dataclass
 class ExportConfig:
-    """Settings of the `export` stage."""
+    """Settings of the `export` stage: the HF checkpoint and a Triton model repository."""
 
-    model_name: str = "ensemble"
+    model_name: str = "ensemble"  # Triton model name; TensorRT-LLM's ensemble is called "ensemble"
+    stream_model: bool = True  # also write the decoupled `<model_name>_stream` model (gRPC streaming)
+    max_batch_size: int = 8  # Triton dynamic batching forms batches up to this size
+    max_queue_delay_us: int = 2000  # how long Triton waits to fill a batch
+    max_tokens_limit: int = 512  # requests asking for more new tokens are rejected
+    torch_threads: int = 1  # torch threads inside the Triton python backend
 
 
 @dataclasses.dataclass
@@ -21,6 +26,7 @@ class ServeConfig:
     prompt: str = "The for statement"
     max_tokens: int = 32
     host: str = "127.0.0.1"
+    ready_timeout_s: float = 300.0  # start -> all models ready, else fail with the server log
 
 
 STAGES = {

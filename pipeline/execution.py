@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.runner import configs_to_json, make_plan, stage_dir, stage_state
 
@@ -25,30 +25,32 @@ def make_executor(name: str) -> Any:
 
 
 def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executor: str = "local",
-               output_dir: str = "") -> dict[str, str]:
+               output_dir: str = "", task: Callable | None = None) -> dict[str, str]:
     """Run `names` in order as NeMo-Run tasks; return stage -> 'completed' | 'failed' | 'not run'.
 
     Stages run one after another; a stage whose upstream failed stops at once
-    with a message naming the upstream stage.
+    with a message naming the upstream stage. `task` is the task body
+    (default `pipeline.runner.stage_task`).
     """
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("NEMORUN_HOME", str(run_dir / ".nemo_run"))
+    os.environ["NEMORUN_HOME"] = str(run_dir / ".nemo_run")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import nemo_run as run
     from nemo_run.config import set_nemorun_home
 
-    from pipeline.runner import execute_stage
+    from pipeline.runner import stage_task
 
+    task = task or stage_task
     set_nemorun_home(os.environ["NEMORUN_HOME"])
     blob = configs_to_json(configs)
     with run.Experiment("aigc", executor=make_executor(executor), log_level="WARN",
                         enable_goodbye_message=False) as exp:
         for name in names:
-            task = run.Partial(execute_stage, run_dir=str(run_dir), name=name, configs_json=blob,
+            partial = run.Partial(task, run_dir=str(run_dir), name=name, configs_json=blob,
                                output_dir=output_dir)
-            exp.add(task, name=name, tail_logs=True)
+            exp.add(partial, name=name, tail_logs=True)
         exp.run(sequential=True, tail_logs=True)
     final_dirs = {n: Path(output_dir).resolve() if output_dir else stage_dir(run_dir, n) for n in names}
     plan = {p.name: p for p in make_plan(run_dir, configs, names)}

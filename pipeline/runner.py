@@ -27,6 +27,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 FINGERPRINT_FILE = ".fingerprint"
 
 
+class UpstreamNotReady(RuntimeError):
+    """An input stage has not completed at the fingerprint this stage was planned with."""
+
+
 @dataclasses.dataclass
 class PlanItem:
     """One stage of a plan: its fingerprint and whether a completed manifest matches it."""
@@ -102,9 +106,9 @@ def _read_inputs(run_dir: Path, name: str, expected: dict[str, str]) -> dict[str
     for up, fp in expected.items():
         m = mf.read_manifest(stage_dir(run_dir, up))
         if not m or m.get("status") != "completed":
-            raise RuntimeError(f"stage {name!r} needs {up!r}, which has not completed in {run_dir}")
+            raise UpstreamNotReady(f"stage {name!r} needs {up!r}, which has not completed in {run_dir}")
         if m["fingerprint"] != fp:
-            raise RuntimeError(
+            raise UpstreamNotReady(
                 f"stage {name!r} needs {up!r} with fingerprint {fp}, found {m['fingerprint']}: run {up!r} first"
             )
         inputs[up] = m
@@ -206,6 +210,15 @@ def execute_stage(run_dir: str, name: str, configs_json: str, output_dir: str = 
     _publish(tmp, final)
     print(f"[aigc] {name}: completed in {record['wall_time_s']:.1f}s", flush=True)
     return record
+
+
+def stage_task(run_dir: str, name: str, configs_json: str, output_dir: str = "") -> None:
+    """NeMo-Run task body: `execute_stage`, exiting with one clear line when an input is missing."""
+    try:
+        execute_stage(run_dir, name, configs_json, output_dir)
+    except UpstreamNotReady as exc:
+        print(f"[aigc] {name}: not run: {exc}", flush=True)
+        raise SystemExit(3) from None
 
 
 def _set_threads(threads: int) -> None:

@@ -14,6 +14,17 @@ class PretrainConfig:
     model: str = "tiny"
     max_steps: int = 300
     eval_every: int = 100
+    checkpoint_every: int = 50
+    micro_batch_size: int = 8  # sequences per step (one micro-batch, no accumulation)
+    seq_length: int = 0  # 0 = the model recipe's
+    lr: float = 2e-3
+    min_lr: float = 2e-4  # end of the cosine decay
+    warmup_steps: int = 20  # linear warmup (capped at max_steps)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_batches: int = 8  # validation micro-batches per evaluation (fewer if the set is smaller)
 
 
 @dataclasses.dataclass
@@ -21,15 +32,32 @@ class SFTConfig:
     """Settings of the `sft` stage (LoRA merged back into the base weights)."""
 
     max_steps: int = 100
-    max_examples: int = 0  # 0 = all
+    max_examples: int = 0  # training examples used; 0 = all
+    eval_examples: int = 32  # held-out examples scored before and after
+    heldout_fraction: float = 0.1  # share of documents whose example is held out
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    warmup_steps: int = 5
+    max_length: int = 256  # tokens per chat (capped by the model's positions)
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass
 class EvaluateConfig:
     """Settings of the `evaluate` stage."""
 
-    max_batches: int = 20
+    max_batches: int = 20  # held-out batches scored per model; 0 = all
     max_new_tokens: int = 32
+    batch_size: int = 8
+    max_length: int = 256  # tokens per held-out document (capped by the model's positions)
+    prompts: tuple[str, ...] = (
+        "Continue this text:\nThe \"for\" statement is used to iterate over the elements of a sequence.",
+        "What comes next?\nA function definition defines a user-defined function object.",
+        "Write the next sentence of this passage:\nThe \"if\" statement is used for conditional execution.",
+    )
 
 
 STAGES = {

@@ -86,3 +86,11 @@ def configs(**overrides) -> dict:
         section, field = key.split("__")
         setattr(cfg[section], field, value)
     return cfg
+
+
+def toy_stage_task(run_dir: str, name: str, configs_json: str, output_dir: str = "") -> None:
+    """NeMo-Run task body for the toy chain: install the toy registry, run one stage."""
+    install()
+    from pipeline.runner import stage_task
+
+    stage_task(run_dir, name, configs_json, output_dir)

@@ -96,23 +96,22 @@ def save_hf(directory: Path, model, tokenizer) -> Path:
     return directory
 
 
-def stage_manifest(outputs: dict[str, str]) -> dict:
-    """Return a manifest-shaped dict naming `outputs` (role -> path relative to the stage dir)."""
-    return {"status": "completed", "outputs": {role: {"path": rel} for role, rel in outputs.items()}, "metrics": {}}
+def write_upstream(run_dir: Path, configs: dict, name: str, outputs: dict[str, str]) -> None:
+    """Mark stage `name` completed in `run_dir` with `outputs` (role -> path under run_dir/name).
 
+    The manifest carries the fingerprint the runner plans for `configs`, so
+    `pipeline.runner.execute_stage` accepts it as the real upstream stage.
+    """
+    from pipeline import manifest as mf
+    from pipeline.runner import make_plan
 
-def make_context(run_dir: Path, name: str, config, inputs: dict[str, dict[str, str]]):
-    """Return a StageContext for stage `name` with upstream outputs laid out under `run_dir`."""
-    from pipeline.stage import StageContext
-
-    out_dir = run_dir / f"{name}.tmp"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return StageContext(
-        name=name,
-        config=config,
-        run_dir=run_dir,
-        out_dir=out_dir,
-        inputs={up: stage_manifest(outs) for up, outs in inputs.items()},
-        threads=1,
-        seed=1234,
-    )
+    stage_dir = run_dir / name
+    fingerprint = next(p.fingerprint for p in make_plan(run_dir, configs, [name]) if p.name == name)
+    record = {
+        "stage": name,
+        "status": "completed",
+        "fingerprint": fingerprint,
+        "outputs": {role: mf.describe_output(stage_dir / rel, stage_dir) for role, rel in outputs.items()},
+        "metrics": {},
+    }
+    mf.write_json_atomic(stage_dir / mf.MANIFEST, record)

@@ -1,0 +1,86 @@
+"""Preference pairs built from the curated corpus: the real continuation of a passage beats a corrupted one.
+
+The prompt asks to continue a passage (the same chats as recipes.instructions);
+`chosen` is the sentence that really follows; `rejected` is that sentence with
+its words shuffled ("shuffled") or the continuation of another document
+("unrelated"). Pairs are in TRL's conversational preference format, seeded,
+with a held-out split decided per document.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from recipes.instructions import PROMPTS, SPLITS, check_messages, continuations, is_heldout, read_jsonl
+
+REJECTED_KINDS = ("shuffled", "unrelated")
+
+
+def shuffled_words(text: str, rng: random.Random) -> str | None:
+    """Return `text` with its words in a seeded new order, or None where no order differs."""
+    words = text.split()
+    if len(set(words)) < 2:
+        return None
+    order = words[:]
+    while order == words:
+        rng.shuffle(order)
+    return " ".join(order)
+
+
+def build_pairs(docs: list[dict], seed: int, heldout_fraction: float, rejected: str) -> list[dict]:
+    """Return preference records {"id", "split", "prompt", "chosen", "rejected"}, one per usable document."""
+    if rejected not in REJECTED_KINDS:
+        raise ValueError(f"unknown rejected kind {rejected!r}; choose from {REJECTED_KINDS}")
+    items = continuations(docs, seed)
+    pairs = []
+    for i, c in enumerate(items):
+        rng = random.Random(f"{seed}:pair:{c.doc_id}")
+        if rejected == "shuffled":
+            bad = shuffled_words(c.continuation, rng)
+        elif len(items) > 1:
+            j = rng.randrange(len(items) - 1)
+            other = items[j + (j >= i)].continuation  # any document but this one
+            bad = other if other != c.continuation else None
+        else:
+            bad = None
+        if bad is None:
+            continue
+        prompt = rng.choice(PROMPTS).format(context=c.context)
+        pairs.append(
+            {
+                "id": c.doc_id,
+                "split": "val" if is_heldout(c.doc_id, seed, heldout_fraction) else "train",
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": c.continuation}],
+                "rejected": [{"role": "assistant", "content": bad}],
+            }
+        )
+    return pairs
+
+
+def check_pair(record: object, where: str) -> None:
+    """Raise ValueError (prefixed by `where`) unless `record` is a well-formed preference record."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a preference record must be a JSON object")
+    if not isinstance(record.get("id"), str):
+        raise ValueError(f"{where}: 'id' must be a string")
+    if record.get("split") not in SPLITS:
+        raise ValueError(f"{where}: 'split' must be one of {SPLITS}")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError(f"{where}: 'prompt' must be a non-empty list of messages")
+    for key in ("chosen", "rejected"):
+        answer = record.get(key)
+        if not isinstance(answer, list) or len(answer) != 1:
+            raise ValueError(f"{where}: '{key}' must be a list of one assistant message")
+        check_messages(prompt + answer, f"{where} ({key})")
+    if prompt[-1]["role"] == "assistant":
+        raise ValueError(f"{where}: 'prompt' must not end with an assistant message")
+    if record["chosen"] == record["rejected"]:
+        raise ValueError(f"{where}: 'chosen' and 'rejected' are the same answer")
+
+
+def read_pairs(path: Path) -> list[dict]:
+    """Return the preference records of a JSONL file, checking each (ValueError names the line)."""
+    return read_jsonl(path, check_pair)

@@ -1,0 +1,109 @@
+"""The `tokenize` stage: curated corpus -> BPE tokenizer + Megatron train/valid datasets.
+
+Documents are split into train/valid by document with a seeded sample
+(`valid_fraction`, at least one valid document). The tokenizer is trained on the
+train documents only, so perplexity on the held-out documents is honest.
+Writes, under the stage directory:
+
+    tokenizer/                 tokenizer.json + tokenizer_config.json (AutoTokenizer loads it)
+    data/train.{bin,idx}       one sequence per document: its token ids, then </s>
+    data/valid.{bin,idx}
+    heldout.jsonl              the valid documents as {"id", "text"}
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from curation.bpe import EOS, save_for_transformers, train_bpe
+from curation.megatron_data import write_indexed_dataset
+from curation.stages import TokenizeConfig
+from pipeline.stage import StageContext, StageResult
+
+ENCODE_CHUNK = 256  # documents per encode_batch call
+
+
+def read_corpus(corpus_dir: Path) -> list[dict]:
+    """Return the {"id", "text", ...} records of every `shard-*.jsonl` in `corpus_dir`, in order."""
+    docs = []
+    for shard in sorted(Path(corpus_dir).glob("shard-*.jsonl")):
+        with open(shard, encoding="utf-8") as f:
+            docs += [json.loads(line) for line in f if line.strip()]
+    return docs
+
+
+def split_documents(n_docs: int, valid_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Return (train, valid) document indices, each sorted; valid has at least one document."""
+    if n_docs < 2:
+        raise ValueError(f"tokenize needs at least 2 documents to split train/valid, got {n_docs}")
+    n_valid = min(n_docs - 1, max(1, round(valid_fraction * n_docs)))
+    valid = sorted(random.Random(seed).sample(range(n_docs), n_valid))
+    chosen = set(valid)
+    return [i for i in range(n_docs) if i not in chosen], valid
+
+
+def encode_documents(tok: Tokenizer, texts: list[str], desc: str) -> Iterator[list[int]]:
+    """Yield each text's token ids followed by the `</s>` id."""
+    eos = tok.token_to_id(EOS)
+    with tqdm(total=len(texts), desc=desc, unit="doc") as bar:
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            chunk = texts[start : start + ENCODE_CHUNK]
+            for enc in tok.encode_batch(chunk, add_special_tokens=False):
+                yield enc.ids + [eos]
+            bar.update(len(chunk))
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Train the tokenizer and write the token datasets under ctx.out_dir."""
+    cfg: TokenizeConfig = ctx.config
+    out = Path(ctx.out_dir)
+    docs = read_corpus(ctx.input_path("curate", "corpus"))
+    train_idx, valid_idx = split_documents(len(docs), cfg.valid_fraction, ctx.seed)
+    splits = {"train": [docs[i] for i in train_idx], "valid": [docs[i] for i in valid_idx]}
+
+    tok = train_bpe((d["text"] for d in splits["train"]), cfg.vocab_size)
+    save_for_transformers(tok, out / "tokenizer")
+
+    (out / "data").mkdir()
+    metrics: dict = {"vocab_size": tok.get_vocab_size()}
+    for name, split in splits.items():
+        texts = [d["text"] for d in split]
+        n_docs, n_tokens = write_indexed_dataset(
+            out / "data" / name, encode_documents(tok, texts, f"tokenize {name}"), tok.get_vocab_size()
+        )
+        chars = sum(len(t) for t in texts)
+        metrics |= {
+            f"{name}_docs": n_docs,
+            f"{name}_tokens": n_tokens,
+            f"{name}_chars_per_token": round(chars / max(n_tokens - n_docs, 1), 3),  # eos not counted
+        }
+    with open(out / "heldout.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"id": d["id"], "text": d["text"]}, ensure_ascii=False) + "\n" for d in splits["valid"])
+
+    print_metrics(metrics)
+    return StageResult(
+        outputs={"tokenizer": "tokenizer", "data": "data", "heldout": "heldout.jsonl"}, metrics=metrics
+    )
+
+
+def print_metrics(metrics: dict) -> None:
+    """Print the tokenize summary table."""
+    table = Table(title=f"tokenize: byte-level BPE, vocab {metrics['vocab_size']}")
+    for col in ("split", "documents", "tokens (incl. </s>)", "chars/token"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name in ("train", "valid"):
+        table.add_row(
+            name,
+            str(metrics[f"{name}_docs"]),
+            f"{metrics[f'{name}_tokens']:,}",
+            str(metrics[f"{name}_chars_per_token"]),
+        )
+    Console().print(table)

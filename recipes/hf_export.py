@@ -1,0 +1,142 @@
+"""Megatron GPTModel <-> Hugging Face Llama: the weight mapping, and the export of a checkpoint.
+
+Megatron keeps attention's q, k, v in one matrix, grouped by key/value head:
+for each of the `ng` groups, that group's `hpg` query heads, then its key head,
+then its value head (rows of `head_dim` each). HF Llama keeps `q_proj`
+(all query heads in order), `k_proj` and `v_proj`. Query head j belongs to
+group j // hpg in both. Megatron's SwiGLU `linear_fc1` is [gate; up] stacked
+on rows; HF has `gate_proj` and `up_proj`. The Megatron embedding and output
+layer are padded to the recipe's vocabulary multiple; HF gets exactly the
+tokenizer's rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from recipes.models import ModelRecipe
+
+# Transformer Engine's layer spec fuses each norm into the linear that follows it.
+TE_TO_LOCAL = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def megatron_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Return the model's weights by local-spec name (TE names renamed, `_extra_state` dropped)."""
+    tensors = {}
+    for name, value in model.state_dict().items():
+        if name.endswith("_extra_state"):
+            continue
+        for te, local in TE_TO_LOCAL.items():
+            name = name.replace(te, local)
+        tensors[name] = value.detach()
+    return tensors
+
+
+def llama_config(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerBase, seq_length: int) -> LlamaConfig:
+    """Return the HF LlamaConfig of `recipe` with the tokenizer's vocabulary and special ids."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.ffn_hidden_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_query_groups,
+        head_dim=recipe.head_dim,
+        max_position_embeddings=seq_length,
+        rms_norm_eps=recipe.norm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": recipe.rotary_base},
+        initializer_range=recipe.init_method_std,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        dtype="float32",
+    )
+
+
+def megatron_to_hf(tensors: dict[str, torch.Tensor], recipe: ModelRecipe, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Return the HF LlamaForCausalLM state dict of Megatron `tensors` (local-spec names)."""
+    ng, hd, h = recipe.num_query_groups, recipe.head_dim, recipe.hidden_size
+    hpg = recipe.num_attention_heads // ng
+    hf = {
+        "model.embed_tokens.weight": tensors["embedding.word_embeddings.weight"][:vocab_size],
+        "model.norm.weight": tensors["decoder.final_layernorm.weight"],
+        "lm_head.weight": tensors["output_layer.weight"][:vocab_size],
+    }
+    for i in range(recipe.num_layers):
+        m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = tensors[m + "self_attention.linear_qkv.weight"].view(ng, hpg + 2, hd, h)
+        gate, up = tensors[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        hf.update(
+            {
+                p + "input_layernorm.weight": tensors[m + "input_layernorm.weight"],
+                p + "self_attn.q_proj.weight": qkv[:, :hpg].reshape(ng * hpg * hd, h),
+                p + "self_attn.k_proj.weight": qkv[:, hpg].reshape(ng * hd, h),
+                p + "self_attn.v_proj.weight": qkv[:, hpg + 1].reshape(ng * hd, h),
+                p + "self_attn.o_proj.weight": tensors[m + "self_attention.linear_proj.weight"],
+                p + "post_attention_layernorm.weight": tensors[m + "pre_mlp_layernorm.weight"],
+                p + "mlp.gate_proj.weight": gate,
+                p + "mlp.up_proj.weight": up,
+                p + "mlp.down_proj.weight": tensors[m + "mlp.linear_fc2.weight"],
+            }
+        )
+    return {k: v.contiguous() for k, v in hf.items()}
+
+
+def hf_to_megatron(hf: dict[str, torch.Tensor], recipe: ModelRecipe, padded_vocab_size: int) -> dict[str, torch.Tensor]:
+    """Return Megatron local-spec tensors of an HF Llama state dict (padding rows are zero)."""
+    ng, hd, h = recipe.num_query_groups, recipe.head_dim, recipe.hidden_size
+    hpg = recipe.num_attention_heads // ng
+
+    def pad_rows(w: torch.Tensor) -> torch.Tensor:  # [V, h] -> [V_padded, h]
+        return torch.cat([w, w.new_zeros(padded_vocab_size - w.shape[0], w.shape[1])])
+
+    tensors = {
+        "embedding.word_embeddings.weight": pad_rows(hf["model.embed_tokens.weight"]),
+        "decoder.final_layernorm.weight": hf["model.norm.weight"],
+        "output_layer.weight": pad_rows(hf["lm_head.weight"]),
+    }
+    for i in range(recipe.num_layers):
+        m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
+        q = hf[p + "self_attn.q_proj.weight"].view(ng, hpg, hd, h)
+        k = hf[p + "self_attn.k_proj.weight"].view(ng, 1, hd, h)
+        v = hf[p + "self_attn.v_proj.weight"].view(ng, 1, hd, h)
+        tensors.update(
+            {
+                m + "input_layernorm.weight": hf[p + "input_layernorm.weight"],
+                m + "self_attention.linear_qkv.weight": torch.cat([q, k, v], dim=1).reshape(-1, h),
+                m + "self_attention.linear_proj.weight": hf[p + "self_attn.o_proj.weight"],
+                m + "pre_mlp_layernorm.weight": hf[p + "post_attention_layernorm.weight"],
+                m + "mlp.linear_fc1.weight": torch.cat(
+                    [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]
+                ),
+                m + "mlp.linear_fc2.weight": hf[p + "mlp.down_proj.weight"],
+            }
+        )
+    return tensors
+
+
+def export_llama(
+    model: torch.nn.Module,
+    recipe: ModelRecipe,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_length: int,
+    out_dir: Path,
+) -> Path:
+    """Write `model` as an HF Llama checkpoint (config, safetensors, tokenizer) in `out_dir`; return it."""
+    config = llama_config(recipe, tokenizer, seq_length)
+    state = megatron_to_hf(megatron_tensors(model), recipe, len(tokenizer))
+    hf_model = LlamaForCausalLM(config)
+    hf_model.load_state_dict(state, strict=True)
+    hf_model.generation_config.pad_token_id = tokenizer.pad_token_id
+    hf_model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

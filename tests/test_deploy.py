@@ -1,0 +1,318 @@
+"""Tests of deploy/: the Triton repository, the real bundled Triton server, client, CLI and stages.
+
+One `aigc serve` process (the real CLI, in a subprocess) serves a repository
+exported from a tiny random Llama checkpoint for the whole module; answers are
+compared with transformers' greedy generate() on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from deploy.client import ServerError, TextClient  # noqa: E402
+from deploy.repository import write_repository  # noqa: E402
+from deploy.server import free_port  # noqa: E402
+from deploy.stages import ExportConfig  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["The for statement", "A class", "def f(x):\n    return", "Exceptions are raised when", "import"]
+
+
+def build_checkpoint(out: Path) -> Path:
+    """Write a tiny random LlamaForCausalLM and a byte-level BPE tokenizer trained on pydoc text."""
+    import pydoc_data.topics
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(list(pydoc_data.topics.topics.values()), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        initializer_range=0.5,  # peaked logits: greedy choices are far from ties, batched == single
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    """Return pid -> command line of every live process whose command line contains `text`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().split(")")[-1].split()[0]
+            except OSError:
+                continue
+            if text in cmdline and state != "Z":
+                found[int(entry.name)] = cmdline
+    return found
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module")
+def repo(checkpoint, tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("export") / "triton_repo"
+    write_repository(checkpoint, repo, ExportConfig())
+    return repo
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """Return f(prompt, max_tokens) -> transformers' greedy continuation on the checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+    def complete(prompt: str, max_tokens: int) -> str:
+        enc = tok(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    return complete
+
+
+class ServeProcess:
+    """`aigc serve` (deploy.cli.serve_main) running in a subprocess on free ports."""
+
+    def __init__(self, repo: Path):
+        self.repo = repo
+        self.http_url = f"127.0.0.1:{free_port()}"
+        self.grpc_url = f"127.0.0.1:{free_port()}"
+        metrics_port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from deploy.cli import serve_main; sys.exit(serve_main(sys.argv[1:]))",
+             "--repo", str(repo), "--http-port", self.http_url.split(":")[1],
+             "--grpc-port", self.grpc_url.split(":")[1], "--metrics-port", str(metrics_port)],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_ready(self, timeout_s: float = 400) -> None:
+        while True:
+            line = self.lines.get(timeout=timeout_s)
+            if line is None:
+                raise RuntimeError("aigc serve exited before ready:\n" + "".join(self.output))
+            if "ready in" in line:
+                return
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(repo):
+    serve = ServeProcess(repo)
+    try:
+        serve.wait_ready()
+        triton = processes_mentioning(f"--model-repository={repo}")
+        assert len(triton) == 1, triton
+        serve.backend_dir = re.search(r"--backend-directory=(\S+)", next(iter(triton.values()))).group(1)
+        yield serve
+    finally:
+        serve.stop()
+
+
+def test_config_pbtxt_has_the_tensorrt_llm_contract(repo, checkpoint):
+    config = (repo / "ensemble" / "config.pbtxt").read_text()
+    for name, dtype in [("text_input", "TYPE_STRING"), ("max_tokens", "TYPE_INT32"), ("temperature", "TYPE_FP32"),
+                        ("top_k", "TYPE_INT32"), ("top_p", "TYPE_FP32"), ("random_seed", "TYPE_UINT64")]:
+        assert re.search(rf'name: "{name}" data_type: {dtype} ', config), name
+    for optional in ("temperature", "top_k", "top_p", "random_seed"):
+        assert re.search(rf'name: "{optional}" [^}}]*optional: true', config), optional
+    for required in ("text_input", "max_tokens"):
+        assert not re.search(rf'name: "{required}" [^}}]*optional', config), required
+    assert re.search(r'output \[\s*\{ name: "text_output" data_type: TYPE_STRING ', config)
+    assert int(re.search(r"max_batch_size: (\d+)", config).group(1)) > 0
+    assert "dynamic_batching" in config and "decoupled" not in config
+    assert 'backend: "python"' in config
+    stream = (repo / "ensemble_stream" / "config.pbtxt").read_text()
+    assert "model_transaction_policy { decoupled: true }" in stream
+    assert re.sub(r"\s+", " ", config[config.index("input ["):config.index("instance_group")]) == re.sub(
+        r"\s+", " ", stream[stream.index("input ["):stream.index("instance_group")]
+    )
+    # self-contained: the checkpoint lives in the repository, the stream model points at it
+    assert (repo / "ensemble" / "1" / "model.py").is_file()
+    for f in checkpoint.iterdir():
+        assert (repo / "ensemble" / "1" / "hf" / f.name).read_bytes() == f.read_bytes()
+    relative = re.search(r'key: "checkpoint" value: \{ string_value: "([^"]+)"', stream).group(1)
+    assert (repo / "ensemble_stream" / relative / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_http_and_grpc_answer_like_transformers_greedy(served, reference):
+    with TextClient(served.http_url) as http, TextClient(served.grpc_url, protocol="grpc") as grpc:
+        for prompt in PROMPTS:
+            expected = reference(prompt, 12)
+            assert len(expected) > 0
+            assert http.generate(prompt, 12) == expected, prompt
+            assert grpc.generate(prompt, 12) == expected, prompt
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched_and_answer_the_same(served, reference):
+    import tritonclient.http as httpclient
+
+    expected = {(p, n): reference(p, n) for p in PROMPTS for n in (4, 10)}
+    stats = httpclient.InferenceServerClient(served.http_url)
+
+    def counts() -> tuple[int, int]:
+        s = stats.get_inference_statistics("ensemble")["model_stats"][0]
+        return s["inference_count"], s["execution_count"]
+
+    before = counts()
+
+    def ask(key):
+        with TextClient(served.http_url) as client:
+            return client.generate(*key)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = dict(zip(expected, pool.map(ask, list(expected))))
+    assert answers == expected
+    inferences, executions = (a - b for a, b in zip(counts(), before))
+    assert inferences == len(expected)
+    assert executions < inferences, "dynamic batching never put two requests in one execution"
+
+
+@pytest.mark.slow
+def test_stream_pieces_join_to_the_full_answer(served, reference):
+    with TextClient(served.grpc_url, protocol="grpc") as client:
+        pieces = list(client.stream(PROMPTS[0], 16))
+        with pytest.raises(ServerError, match="max_tokens"):
+            list(client.stream(PROMPTS[0], 0))
+    assert len(pieces) > 1
+    assert "".join(pieces) == reference(PROMPTS[0], 16)
+
+
+@pytest.mark.slow
+def test_bad_requests_get_errors_and_the_server_keeps_serving(served, reference):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    bad = [
+        ("", 8, "text_input is empty"),
+        ("hello", 0, "max_tokens must be between 1 and 512, got 0"),
+        ("hello", 10**6, "max_tokens must be between 1 and 512"),
+        (b"\xff\xfe bad bytes", 8, "not valid UTF-8"),
+        ("word " * 200, 8, "exceeds the model's context of 128 tokens"),
+    ]
+    with TextClient(served.http_url) as http, TextClient(served.grpc_url, protocol="grpc") as grpc:
+        for client in (http, grpc):
+            for prompt, max_tokens, message in bad:
+                with pytest.raises(ServerError, match=re.escape(message)):
+                    client.generate(prompt, max_tokens)
+            with pytest.raises(ServerError, match="top_p must be in"):
+                client.generate("hello", 4, top_p=1.5)
+        raw = httpclient.InferenceServerClient(served.http_url)
+        only_text = http.inputs("hello", 4)[:1]  # text_input without max_tokens
+        with pytest.raises(InferenceServerException, match="max_tokens"):
+            raw.infer("ensemble", only_text)
+        assert http.generate(PROMPTS[0], 12) == reference(PROMPTS[0], 12)
+
+
+@pytest.mark.slow
+def test_sampling_is_reproducible_with_a_seed(served, reference):
+    with TextClient(served.http_url) as client:
+        first = client.generate(PROMPTS[0], 16, temperature=1.0, seed=7)
+        assert client.generate(PROMPTS[0], 16, temperature=1.0, seed=7) == first
+        others = {client.generate(PROMPTS[0], 16, temperature=1.0, seed=s) for s in range(8, 12)}
+        assert len(others | {first}) > 1
+        assert client.generate(PROMPTS[0], 16, temperature=0.0, seed=7) == reference(PROMPTS[0], 16)
+
+
+@pytest.mark.slow
+def test_query_cli_prints_the_answer_or_the_server_error(served, reference, capsys):
+    from deploy.cli import query_main
+
+    assert query_main([PROMPTS[1], "--url", served.http_url, "--max-tokens", "6"]) == 0
+    assert capsys.readouterr().out == reference(PROMPTS[1], 6) + "\n"
+    assert query_main([PROMPTS[1], "--url", served.grpc_url, "--max-tokens", "6", "--stream"]) == 0
+    assert capsys.readouterr().out == reference(PROMPTS[1], 6) + "\n"
+    assert query_main([PROMPTS[1], "--url", served.http_url, "--max-tokens", "0"]) == 1
+    assert "max_tokens must be between 1 and 512, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_cli_stops_cleanly_on_sigterm(served, repo):
+    """Last test of the module using `served`: it stops the shared server."""
+    assert processes_mentioning(str(repo))  # tritonserver and its two python stubs
+    assert served.stop() == 0, "".join(served.output)
+    assert processes_mentioning(str(repo)) == {}
+    assert not Path(served.backend_dir).exists()
+    assert "stopping" in "".join(served.output)
+
+
+@pytest.mark.slow
+def test_export_and_serve_stages_through_the_runner(checkpoint, reference, tmp_path):
+    from pipeline import manifest as mf
+    from pipeline.presets import resolve_configs
+    from pipeline.runner import configs_to_json, execute_stage, make_plan
+
+    configs = resolve_configs("smoke", ["serve.prompt=A class"])
+    configs_json = configs_to_json(configs)
+    # stand in for a completed align stage holding our checkpoint
+    align_fp = next(p.fingerprint for p in make_plan(tmp_path, configs) if p.name == "align")
+    (tmp_path / "align").mkdir()
+    (tmp_path / "align" / "hf").symlink_to(checkpoint, target_is_directory=True)
+    mf.write_json_atomic(tmp_path / "align" / mf.MANIFEST, {
+        "stage": "align", "status": "completed", "fingerprint": align_fp, "outputs": {"hf": {"path": "hf"}},
+    })
+
+    export = execute_stage(str(tmp_path), "export", configs_json)
+    assert export["metrics"]["models"] == ["ensemble", "ensemble_stream"]
+    assert export["metrics"]["context"] == 128
+    assert export["outputs"]["triton_repo"]["files"] >= 2 + len(list(checkpoint.iterdir()))
+    repo = tmp_path / "export" / "triton_repo"
+
+    serve = execute_stage(str(tmp_path), "serve", configs_json)
+    answer = json.loads((tmp_path / "serve" / "answer.json").read_text())
+    assert answer["prompt"] == "A class"
+    assert answer["answer"] == reference("A class", 8)  # smoke: serve.max_tokens=8
+    assert answer["start_to_ready_s"] > 0 and answer["latency_ms"] > 0
+    assert serve["metrics"]["answer"] == answer["answer"]
+    assert "Started HTTPService at 127.0.0.1:" in (tmp_path / "serve" / "triton.log").read_text()
+    assert processes_mentioning(str(repo)) == {}
