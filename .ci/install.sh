@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs aigc and everything it needs on a fresh machine with Python >= 3.11 (Debian 12 tested).
+#
+# Three pip steps, in this order, for reasons that are facts of today's registries:
+#  1. torch==2.13.0 first: it is the CPU build here; any other torch request pulls
+#     multi-GB CUDA wheels.
+#  2. aigc itself with its pinned dependencies (numpy<2 for Triton's python backend).
+#  3. nemo-run and torchx without their dependencies: torchx 0.7.0 pins urllib3<1.27,
+#     which tritonclient>=2.50 (required by nvidia-pytriton) cannot share, so pip
+#     cannot resolve both in one pass. nemo-run's other runtime dependencies are in
+#     pyproject.toml; nemo-run runs fine with urllib3 2.x.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -m pip install --quiet --disable-pip-version-check torch==2.13.0
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e .
+"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps nemo-run==0.11.1 torchx==0.7.0
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi  # puts the new `aigc` script on PATH
+"$PYTHON" -c "import nemo_run, megatron.core, nemo_curator, tritonclient, pytriton" 2>/dev/null \
+  && echo "aigc installed: run 'aigc run' (or 'aigc --help')"

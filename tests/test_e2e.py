@@ -1,0 +1,54 @@
+"""The whole chain, end to end, through the real `aigc` CLI and NeMo-Run, on the `smoke` config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.presets import resolve_configs
+from pipeline.runner import make_plan
+from pipeline.stage import STAGE_ORDER
+
+pytestmark = pytest.mark.slow
+
+
+def aigc(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    """Run the aigc CLI in a subprocess; return the completed process (output captured)."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_smoke_chain_runs_to_a_triton_answer_then_is_fully_cached(tmp_path):
+    run_dir = tmp_path / "run"
+    dry = aigc("run", "--config", "smoke", "--run-dir", str(run_dir), "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert all(name in dry.stdout for name in STAGE_ORDER) and not run_dir.joinpath("curate").exists()
+
+    first = aigc("run", "--config", "smoke", "--run-dir", str(run_dir))
+    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-6000:]
+    for name in STAGE_ORDER:
+        m = json.loads((run_dir / name / "manifest.json").read_text())
+        assert m["status"] == "completed", name
+        for out in m["outputs"].values():
+            assert (run_dir / name / out["path"]).exists()
+    answer = json.loads((run_dir / "serve" / "manifest.json").read_text())["metrics"]
+    assert isinstance(answer["answer"], str) and answer["answer"].strip()
+    assert "Triton answered" in first.stdout
+
+    started = time.time()
+    second = aigc("run", "--config", "smoke", "--run-dir", str(run_dir))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "nothing to run" in second.stdout
+    assert time.time() - started < 60
+
+    status = aigc("status", "--run-dir", str(run_dir))
+    assert status.returncode == 0 and status.stdout.count("completed") == len(STAGE_ORDER), status.stdout
+
+    # a changed setting re-plans only that stage and what follows it
+    plan = make_plan(run_dir, resolve_configs("smoke", ["evaluate.max_new_tokens=4"]))
+    assert {p.name for p in plan if not p.cached} == {"evaluate"}
+    assert all(p.cached for p in make_plan(run_dir, resolve_configs("smoke")))
