@@ -41,6 +41,7 @@ from curation.stages import CurateConfig
 from pipeline.stage import StageContext, StageResult
 
 OBJECT_STORE_BYTES = 512 * 1024**2
+RAY_START_ATTEMPTS = 3
 
 
 class TooManyRejectsError(RuntimeError):
@@ -56,17 +57,43 @@ def ray_cluster(address: str, num_cpus: int) -> Iterator[None]:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            object_store_memory=OBJECT_STORE_BYTES,
-            log_to_driver=False,
-        )
+        start_local_ray(num_cpus)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """Start a fresh local Ray, retrying when it does not come up in time.
+
+    Ray's raylet gives its dashboard agent a fixed 15 s to start; on a loaded
+    2-core machine the agent's imports can take longer and the node start fails.
+    The processes of a failed start are ours: they are killed before the retry.
+    """
+    import psutil
+    import ray
+
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                object_store_memory=OBJECT_STORE_BYTES,
+                log_to_driver=False,
+            )
+            return
+        except Exception as exc:  # Ray raises a bare Exception when its node times out starting
+            ray.shutdown()
+            leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+            for p in leftovers:
+                p.kill()
+            psutil.wait_procs(leftovers, timeout=10)
+            if attempt == RAY_START_ATTEMPTS:
+                raise RuntimeError(f"local Ray did not start in {attempt} attempts: {exc}") from exc
+            print(f"[curate] local Ray did not start ({exc}); retrying", flush=True)
 
 
 def run_curator(cfg: CurateConfig, files: list[Path]) -> list:
@@ -191,13 +218,12 @@ def run(ctx: StageContext) -> StageResult:
     deduped = ExactDedupStage().process(DocumentBatch(dataset_name="curate", data=docs))
     write_jsonl(out / "rejects" / "duplicates.jsonl", deduped._metadata["duplicates"])
     final = cap_docs(deduped.to_pandas(), cfg.max_docs, ctx.seed)
-    if final.empty:
-        raise RuntimeError(f"curate kept no documents out of {lines} input lines; see {out / 'stats.json'}")
-    write_shards(out / "corpus", final, cfg.docs_per_shard)
-
     stats = build_stats(files, lines, rejects, filter_in, len(docs), deduped.num_items, final)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print_stats(stats)
+    if final.empty:
+        raise RuntimeError(f"curate kept no documents out of {lines} input lines; see {out / 'stats.json'}")
+    write_shards(out / "corpus", final, cfg.docs_per_shard)
     metrics = {
         "input_lines": lines,
         "rejects": len(rejects),

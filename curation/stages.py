@@ -36,6 +36,6 @@ class TokenizeConfig:
 
 
 STAGES = {
-    "curate": Stage("curate", CurateConfig, "curation.curate:run"),
+    "curate": Stage("curate", CurateConfig, "curation.curate:run", path_fields=("inputs",)),
     "tokenize": Stage("tokenize", TokenizeConfig, "curation.tokenize:run", inputs=("curate",)),
 }

@@ -59,14 +59,28 @@ def describe_output(path: Path, root: Path) -> dict[str, Any]:
 
 
 def code_hash(paths: tuple[str, ...], repo_root: Path) -> str:
-    """Return a hash of the .py sources under the given packages or files (repo-relative)."""
+    """Return a hash of the files (sources and package data) under the given repo-relative paths."""
     h = hashlib.sha256()
     for rel in sorted(paths):
         target = repo_root / rel
-        files = [target] if target.is_file() else sorted(target.rglob("*.py"))
+        files = [target] if target.is_file() else sorted(
+            f for f in target.rglob("*") if f.is_file() and "__pycache__" not in f.parts
+        )
         for f in files:
             h.update(str(f.relative_to(repo_root)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def external_files_stamp(paths: list[str]) -> list[list]:
+    """Return [path, bytes, mtime_ns] for every file under `paths` (files or directories)."""
+    stamps = []
+    for p in paths:
+        root = Path(p)
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+        for f in files:
+            st = f.stat()
+            stamps.append([str(f), st.st_size, st.st_mtime_ns])
+    return stamps
 
 
 def fingerprint(payload: dict) -> str:

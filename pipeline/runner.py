@@ -42,9 +42,10 @@ class PlanItem:
 
 
 def stage_fingerprint(name: str, configs: dict[str, Any], input_fps: dict[str, str]) -> str:
-    """Return hash(stage config, seed, input fingerprints, stage code version)."""
+    """Return hash(stage config, seed, input fingerprints, stage code and data, external input files)."""
     stage = get_stage(name)
     code_pkgs = stage.code or (stage.run.split(".")[0],)
+    external = [p for f in stage.path_fields for p in getattr(configs[name], f)]
     return mf.fingerprint(
         {
             "stage": name,
@@ -52,6 +53,7 @@ def stage_fingerprint(name: str, configs: dict[str, Any], input_fps: dict[str, s
             "seed": configs["run"].seed,
             "inputs": input_fps,
             "code": mf.code_hash(code_pkgs, REPO_ROOT),
+            "files": mf.external_files_stamp(external),
         }
     )
 

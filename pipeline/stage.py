@@ -51,6 +51,7 @@ class Stage:
     run: str  # "package.module:function", imported only when the stage runs
     inputs: tuple[str, ...] = ()
     code: tuple[str, ...] = ()  # packages/files whose source is in the fingerprint (default: run's package)
+    path_fields: tuple[str, ...] = ()  # config fields naming user files; their size+mtime enter the fingerprint
 
     def load_run(self) -> Callable[["StageContext"], "StageResult"]:
         """Return the stage's run function (imports its module)."""

@@ -149,3 +149,14 @@ def test_overrides_are_typed_and_unknown_keys_are_clear():
         apply_overrides(cfg, ["zzz.n=1"])
     with pytest.raises(ConfigError, match="not key=value"):
         apply_overrides(cfg, ["s.n"])
+
+
+def test_fingerprint_follows_user_input_files(monkeypatch, tmp_path):
+    from pipeline.presets import resolve_configs
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "one"}\n')
+    cfg = resolve_configs("tiny", [f"curate.inputs={data}"])
+    before = make_plan(tmp_path, cfg, ["curate"])[0].fingerprint
+    data.write_text('{"text": "one, edited"}\n')
+    assert make_plan(tmp_path, cfg, ["curate"])[0].fingerprint != before
