@@ -1,7 +1,8 @@
 """The `align` stage: DPO of the SFT model with TRL's DPOTrainer, the SFT model frozen as reference.
 
 Steps: build preference pairs from the curated corpus
-(alignment.preference_data), score the held-out pairs (implicit rewards
+(alignment.preference_data), keep those whose prompt leaves a quarter of the
+model's positions to the answers, score the held-out pairs (implicit rewards
 beta * log pi/pi_ref: all zero before training, by construction), train the
 whole policy with DPO for max_steps, score again, save the policy as an HF
 checkpoint. fp32 and no gradient checkpointing: this runs on CPU.
@@ -20,11 +21,11 @@ from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
 
-from alignment.preference_data import build_pairs, read_pairs
+from alignment.preference_data import build_pairs
 from alignment.stages import AlignConfig
 from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm
-from recipes.instructions import read_corpus, write_jsonl
+from recipes.instructions import chat_char_budget, read_corpus, write_jsonl
 
 METHODS = ("dpo",)
 # TRL's logged figures kept in the stage metrics (eval_ prefix on held-out scores).
@@ -70,7 +71,6 @@ def make_trainer(
     The held-out pairs are scored in a single batch, so TRL's logged eval
     figures are exact means over them.
     """
-    max_length = min(cfg.max_length, policy.config.max_position_embeddings)
     args = DPOConfig(
         output_dir=str(work_dir),
         max_steps=cfg.max_steps,
@@ -81,7 +81,7 @@ def make_trainer(
         warmup_steps=cfg.warmup_steps,
         beta=cfg.beta,
         loss_type=[cfg.loss_type],
-        max_length=max_length,
+        max_length=hf_lm.context_length(policy, cfg.max_length),
         bf16=False,
         fp16=False,
         activation_checkpointing=False,  # new name of gradient_checkpointing, which TRL turns on by default
@@ -125,30 +125,21 @@ def run(ctx: StageContext) -> StageResult:
     check_method(cfg)
     started = time.time()
     docs = read_corpus(ctx.input_path("curate", "corpus"))
-    train_pairs, val_pairs = select_pairs(build_pairs(docs, ctx.seed, cfg.heldout_fraction, cfg.rejected), cfg, ctx.seed)
-    if not train_pairs or not val_pairs:
-        raise ValueError(
-            f"align needs training and held-out pairs; the corpus ({len(docs)} documents) gave "
-            f"{len(train_pairs)} train and {len(val_pairs)} held-out"
-        )
-    # The artifact is what the model is trained on: written first, read back (and checked) for training.
-    pairs_path = write_jsonl(ctx.out_dir / "pairs.jsonl", train_pairs + val_pairs)
-    records = read_pairs(pairs_path)
-
     sft_path = ctx.input_path("sft", "hf")
     policy, tokenizer = hf_lm.load_causal_lm(sft_path)
     reference, _ = hf_lm.load_causal_lm(sft_path)
+    max_length = hf_lm.context_length(policy, cfg.max_length)
+    built = build_pairs(docs, ctx.seed, cfg.heldout_fraction, cfg.rejected, chat_char_budget(max_length))
+    fitting = [p for p in built if hf_lm.prompt_fits(tokenizer, p["prompt"], max_length)]
+    train_pairs, val_pairs = select_pairs(fitting, cfg, ctx.seed)
+    if not train_pairs or not val_pairs:
+        raise ValueError(
+            f"align needs training and held-out pairs; the corpus ({len(docs)} documents) gave "
+            f"{len(train_pairs)} train and {len(val_pairs)} held-out whose prompt fits {max_length} tokens"
+        )
+    write_jsonl(ctx.out_dir / "pairs.jsonl", train_pairs + val_pairs)  # exactly what is used
     work_dir = ctx.out_dir / "trainer"
-    trainer = make_trainer(
-        policy,
-        reference,
-        tokenizer,
-        [r for r in records if r["split"] == "train"],
-        [r for r in records if r["split"] == "val"],
-        cfg,
-        ctx.seed,
-        work_dir,
-    )
+    trainer = make_trainer(policy, reference, tokenizer, train_pairs, val_pairs, cfg, ctx.seed, work_dir)
     before = held_out_scores(trainer)
     train_started = time.time()
     trainer.train()
@@ -163,8 +154,11 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {
         "method": cfg.method,
         "loss_type": cfg.loss_type,
+        "pairs_built": len(built),
+        "dropped_prompt_too_long": len(built) - len(fitting),
         "train_pairs": len(train_pairs),
         "val_pairs": len(val_pairs),
+        "max_length": max_length,  # TRL keeps the start of prompt + answer within it
         "steps": trainer.state.global_step,
         **{f"val_{k.replace('/', '_')}_before": v for k, v in before.items()},
         **{f"val_{k.replace('/', '_')}_after": v for k, v in after.items()},

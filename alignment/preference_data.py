@@ -28,11 +28,11 @@ def shuffled_words(text: str, rng: random.Random) -> str | None:
     return " ".join(order)
 
 
-def build_pairs(docs: list[dict], seed: int, heldout_fraction: float, rejected: str) -> list[dict]:
+def build_pairs(docs: list[dict], seed: int, heldout_fraction: float, rejected: str, chat_chars: int) -> list[dict]:
     """Return preference records {"id", "split", "prompt", "chosen", "rejected"}, one per usable document."""
     if rejected not in REJECTED_KINDS:
         raise ValueError(f"unknown rejected kind {rejected!r}; choose from {REJECTED_KINDS}")
-    items = continuations(docs, seed)
+    items = continuations(docs, seed, chat_chars)
     pairs = []
     for i, c in enumerate(items):
         rng = random.Random(f"{seed}:pair:{c.doc_id}")

@@ -1,9 +1,10 @@
 """The `evaluate` stage: held-out perplexity and greedy samples of the pretrain, sft and align models.
 
 Perplexity is exp(mean next-token NLL) over the held-out documents of the
-tokenize stage (each scored as bos + text + eos), pooled over tokens. Samples
-are greedy replies (HF generate with KV cache) to fixed chat prompts. All of
-it goes to report.json.
+tokenize stage, pooled over tokens; each document is scored as pretraining
+packed it (after an eos, with its closing eos). Samples are greedy replies
+(HF generate with KV cache) to fixed chat prompts. All of it goes to
+report.json.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def check_document(record: object, where: str) -> None:
 def evaluate_model(name: str, model_dir: Path, docs: list[dict], cfg: EvaluateConfig) -> dict:
     """Return {"perplexity", "nll", "tokens", "samples"} of the HF checkpoint `name` in `model_dir`."""
     model, tokenizer = hf_lm.load_causal_lm(model_dir)
-    max_length = min(cfg.max_length, model.config.max_position_embeddings)
+    max_length = hf_lm.context_length(model, cfg.max_length)
     encoded = [hf_lm.encode_document(tokenizer, d["text"], max_length) for d in docs]
     nll, tokens = hf_lm.mean_nll(
         model, encoded, tokenizer.pad_token_id, cfg.batch_size, cfg.max_batches, desc=f"perplexity {name}"

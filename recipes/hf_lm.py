@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 IGNORE = -100  # label of a position that is not scored
+MAX_PROMPT_SHARE = 0.75  # a training chat is used only if its prompt takes at most this share of max_length
 
 
 def load_causal_lm(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -26,12 +27,24 @@ def load_causal_lm(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     return model.eval(), tokenizer
 
 
-def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def context_length(model: PreTrainedModel, limit: int) -> int:
+    """Return the tokens a sequence may have: `limit`, capped by the model's position count."""
+    return min(limit, model.config.max_position_embeddings)
+
+
+def chat_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False
+) -> list[int]:
     """Return the token ids of `messages` rendered by the tokenizer's chat template."""
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
     )
     return list(encoded["input_ids"])
+
+
+def prompt_fits(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], max_length: int) -> bool:
+    """Return True where the chat `prompt` (with generation prompt) leaves a quarter of max_length to answer."""
+    return len(chat_ids(tokenizer, prompt, add_generation_prompt=True)) <= MAX_PROMPT_SHARE * max_length
 
 
 def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> dict[str, list[int]]:
@@ -61,13 +74,14 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_le
 
 
 def encode_document(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> dict[str, list[int]]:
-    """Return {"input_ids", "labels"} of plain text as bos + tokens + eos, every token after bos scored."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
-    if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
-    ids = ids[:max_length]
+    """Return {"input_ids", "labels"} of plain text as pretraining packed it: eos + tokens + eos.
+
+    Pretraining sequences are documents each followed by eos, packed, so a
+    document's context starts right after the previous document's eos. Every
+    token after that leading eos is scored (the text and its closing eos).
+    """
+    eos = tokenizer.eos_token_id
+    ids = ([eos] + tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])[:max_length]
     return {"input_ids": ids, "labels": list(ids)}
 
 

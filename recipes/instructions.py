@@ -22,6 +22,7 @@ PROMPTS = (
     "Write the next sentence of this passage:\n{context}",
     "What comes next?\n{context}",
 )
+MAX_CHAT_CHARS = 320  # context + answer characters of a chat, at most
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "val")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(*])")
@@ -55,7 +56,7 @@ def read_corpus(directory: Path) -> list[dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{shard}:{lineno}: not JSON ({exc})") from None
-                if not (isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("text"), str)):
+                if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("id", "text")):
                     raise ValueError(f"{shard}:{lineno}: corpus record needs string 'id' and 'text'")
                 docs.append(record)
     return docs
@@ -80,15 +81,30 @@ def _clip_words(text: str, max_chars: int, keep_end: bool) -> str:
     return " ".join(reversed(kept) if keep_end else kept)
 
 
-def continuation_of(doc: dict, seed: int, max_context_chars: int = 300, max_answer_chars: int = 200) -> Continuation | None:
-    """Return the seeded Continuation of one document, or None where it has fewer than two sentences."""
+def chat_char_budget(max_tokens: int) -> int:
+    """Return the context + answer characters to aim for in a chat of at most `max_tokens` tokens.
+
+    Byte-level BPE averages over 2 characters a token on English even with
+    small vocabularies, so 1.5 characters a token leaves room for the template
+    and the request; chats that still do not fit are dropped by the stages.
+    """
+    return min(MAX_CHAT_CHARS, 3 * max_tokens // 2)
+
+
+def continuation_of(doc: dict, seed: int, chat_chars: int) -> Continuation | None:
+    """Return the seeded Continuation of one document, or None where it has no usable cut.
+
+    The context gets 5/8 of `chat_chars` (its last words kept), the answer the
+    rest (its first words kept).
+    """
     sentences = split_sentences(doc["text"])
     if len(sentences) < 2:
         return None
     rng = random.Random(f"{seed}:{doc['id']}")
     cut = rng.randint(1, len(sentences) - 1)
-    context = _clip_words(" ".join(sentences[:cut]), max_context_chars, keep_end=True)
-    answer = _clip_words(sentences[cut], max_answer_chars, keep_end=False)
+    context_chars = chat_chars * 5 // 8
+    context = _clip_words(" ".join(sentences[:cut]), context_chars, keep_end=True)
+    answer = _clip_words(sentences[cut], chat_chars - context_chars, keep_end=False)
     if len(context.split()) < 3 or len(answer.split()) < 2:
         return None
     return Continuation(doc["id"], context, answer)
@@ -100,15 +116,15 @@ def is_heldout(doc_id: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def continuations(docs: list[dict], seed: int) -> list[Continuation]:
+def continuations(docs: list[dict], seed: int, chat_chars: int) -> list[Continuation]:
     """Return the Continuation of every document that has one, in corpus order."""
-    return [c for c in (continuation_of(d, seed) for d in docs) if c is not None]
+    return [c for c in (continuation_of(d, seed, chat_chars) for d in docs) if c is not None]
 
 
-def build_instructions(docs: list[dict], seed: int, heldout_fraction: float) -> list[dict]:
+def build_instructions(docs: list[dict], seed: int, heldout_fraction: float, chat_chars: int) -> list[dict]:
     """Return instruction records {"id", "split", "messages"} (one per usable document)."""
     records = []
-    for c in continuations(docs, seed):
+    for c in continuations(docs, seed, chat_chars):
         prompt = random.Random(f"{seed}:prompt:{c.doc_id}").choice(PROMPTS)
         records.append(
             {

@@ -2,9 +2,11 @@
 
 Steps: build "continue this passage" chats from the curated corpus
 (recipes.instructions), encode them with the chat template and loss on the
-assistant turns only (recipes.hf_lm), score the held-out chats, train a peft
-LoRA adapter with a plain AdamW loop, score again, then save the adapter in
-PEFT format and the merged model as an HF checkpoint.
+assistant turns only (recipes.hf_lm), truncated to the model's positions
+(chats whose prompt leaves under a quarter of them are dropped), score the
+held-out chats, train a peft LoRA adapter with a plain AdamW loop, score
+again, then save the adapter in PEFT format and the merged model as an HF
+checkpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from transformers import PreTrainedModel
 
 from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm
-from recipes.instructions import build_instructions, read_corpus, read_instructions, write_jsonl
+from recipes.instructions import build_instructions, chat_char_budget, read_corpus, write_jsonl
 from recipes.stages import SFTConfig
 
 
@@ -86,21 +88,21 @@ def run(ctx: StageContext) -> StageResult:
     started = time.time()
     torch.manual_seed(ctx.seed)
     docs = read_corpus(ctx.input_path("curate", "corpus"))
-    train_records, val_records = select_examples(build_instructions(docs, ctx.seed, cfg.heldout_fraction), cfg, ctx.seed)
-    if not train_records or not val_records:
+    model, tokenizer = hf_lm.load_causal_lm(ctx.input_path("pretrain", "hf"))
+    max_length = hf_lm.context_length(model, cfg.max_length)
+    built = build_instructions(docs, ctx.seed, cfg.heldout_fraction, chat_char_budget(max_length))
+    fitting = [r for r in built if hf_lm.prompt_fits(tokenizer, r["messages"][:-1], max_length)]
+    train, val = select_examples(fitting, cfg, ctx.seed)
+    if not train or not val:
         raise ValueError(
             f"sft needs training and held-out instructions; the corpus ({len(docs)} documents) gave "
-            f"{len(train_records)} train and {len(val_records)} held-out"
+            f"{len(train)} train and {len(val)} held-out whose prompt fits {max_length} tokens"
         )
-    # The artifact is what the model is trained on: written first, read back (and checked) for training.
-    instructions_path = write_jsonl(ctx.out_dir / "instructions.jsonl", train_records + val_records)
-    records = read_instructions(instructions_path)
-
-    model, tokenizer = hf_lm.load_causal_lm(ctx.input_path("pretrain", "hf"))
-    max_length = min(cfg.max_length, model.config.max_position_embeddings)
-    encoded = {split: [] for split in ("train", "val")}
-    for r in records:
-        encoded[r["split"]].append(hf_lm.encode_chat(tokenizer, r["messages"], max_length))
+    write_jsonl(ctx.out_dir / "instructions.jsonl", train + val)  # exactly what is used
+    encoded = {
+        split: [hf_lm.encode_chat(tokenizer, r["messages"], max_length) for r in records]
+        for split, records in (("train", train), ("val", val))
+    }
     pad_id = tokenizer.pad_token_id
     val_before, val_tokens = hf_lm.mean_nll(model, encoded["val"], pad_id, cfg.batch_size, desc="held-out loss")
 
@@ -117,13 +119,17 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer.save_pretrained(ctx.out_dir / "hf")
 
     metrics = {
+        "instructions_built": len(built),
+        "dropped_prompt_too_long": len(built) - len(fitting),
+        "max_length": max_length,
         "train_examples": len(encoded["train"]),
         "val_examples": len(encoded["val"]),
         "val_tokens": val_tokens,
         "val_loss_before": round(val_before, 4),
         "val_loss_after": round(val_after, 4),
-        "train_loss_first": round(losses[0], 4) if losses else None,
-        "train_loss_last": round(losses[-1], 4) if losses else None,
+        # mean loss of the first and of the last (up to) 10 steps: one batch alone is noisy
+        "train_loss_start": round(sum(losses[:10]) / len(losses[:10]), 4) if losses else None,
+        "train_loss_end": round(sum(losses[-10:]) / len(losses[-10:]), 4) if losses else None,
         "steps": len(losses),
         "trainable_params": trainable,
         "total_params": total,

@@ -23,8 +23,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,9 @@ def split(pairs):
 
 
 def test_pairs_are_seeded_and_corrupt_only_the_rejected_answer(docs):
-    pairs = build_pairs(docs[:300], seed=3, heldout_fraction=0.2, rejected="shuffled")
-    assert pairs == build_pairs(docs[:300], seed=3, heldout_fraction=0.2, rejected="shuffled")
-    truth = {c.doc_id: c for c in continuations(docs[:300], 3)}
+    pairs = build_pairs(docs[:300], seed=3, heldout_fraction=0.2, rejected="shuffled", chat_chars=320)
+    assert pairs == build_pairs(docs[:300], seed=3, heldout_fraction=0.2, rejected="shuffled", chat_chars=320)
+    truth = {c.doc_id: c for c in continuations(docs[:300], 3, 320)}
     for p in pairs:
         chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
         assert chosen == truth[p["id"]].continuation and truth[p["id"]].context in p["prompt"][0]["content"]
@@ -47,11 +47,11 @@ def test_pairs_are_seeded_and_corrupt_only_the_rejected_answer(docs):
     train, val = split(pairs)
     assert train and val and not {p["id"] for p in train} & {p["id"] for p in val}
 
-    unrelated = build_pairs(docs[:300], seed=3, heldout_fraction=0.2, rejected="unrelated")
+    unrelated = build_pairs(docs[:300], seed=3, heldout_fraction=0.2, rejected="unrelated", chat_chars=320)
     others = {c.continuation for c in truth.values()}
     assert all(p["rejected"][0]["content"] in others - {p["chosen"][0]["content"]} for p in unrelated)
     with pytest.raises(ValueError, match="unknown rejected kind"):
-        build_pairs(docs[:10], 3, 0.2, "reversed")
+        build_pairs(docs[:10], 3, 0.2, "reversed", 320)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_pairs_are_seeded_and_corrupt_only_the_rejected_answer(docs):
     ],
 )
 def test_malformed_pairs_are_rejected(docs, tmp_path, change, message):
-    good = build_pairs(docs[:20], 1, 0.0, "shuffled")[0]
+    good = build_pairs(docs[:20], 1, 0.0, "shuffled", 320)[0]
     path = write_jsonl(tmp_path / "pairs.jsonl", [good, {**good, **change}])
     with pytest.raises(ValueError, match=message) as err:
         read_pairs(path)
@@ -84,7 +84,7 @@ def sequence_logp(model, prompt_ids: list[int], full_ids: list[int]) -> torch.Te
 
 
 def test_trl_dpo_loss_equals_hand_computation(tokenizer, docs, tmp_path):
-    pairs = build_pairs(docs[:40], 2, 0.0, "shuffled")[:3]
+    pairs = build_pairs(docs[:40], 2, 0.0, "shuffled", 320)[:3]
     cfg = AlignConfig(beta=0.3, max_length=512)
     policy, reference = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
     trainer = make_trainer(policy, reference, tokenizer, pairs, pairs[:1], cfg, 0, tmp_path / "trainer")
@@ -109,8 +109,8 @@ def test_trl_dpo_loss_equals_hand_computation(tokenizer, docs, tmp_path):
 
 def test_planted_preference_is_learned(tokenizer, docs, tmp_path):
     # Chosen: the real next sentence; rejected: its words shuffled. A tiny random model learns the order.
-    train, val = split(build_pairs(docs[:600], 5, 0.2, "shuffled"))
-    cfg = AlignConfig(max_steps=40, batch_size=4, learning_rate=5e-3, warmup_steps=2, max_length=128)
+    train, val = split(build_pairs(docs[:600], 5, 0.2, "shuffled", 320))
+    cfg = AlignConfig(max_steps=25, batch_size=4, learning_rate=5e-3, warmup_steps=2, max_length=128)
     model = build_model(tokenizer)
     trainer = make_trainer(model, build_model(tokenizer), tokenizer, train, val[:32], cfg, 0, tmp_path / "trainer")
     before = held_out_scores(trainer)
@@ -124,7 +124,7 @@ def test_planted_preference_is_learned(tokenizer, docs, tmp_path):
 def stage_inputs(run_dir, configs, tokenizer, docs):
     write_corpus(run_dir / "curate" / "corpus", docs[:400])
     write_upstream(run_dir, configs, "curate", {"corpus": "corpus"})
-    save_hf(run_dir / "sft" / "hf", build_model(tokenizer), tokenizer)
+    save_hf(run_dir / "sft" / "hf", build_model(tokenizer, positions=64), tokenizer)  # as smoke's micro
     write_upstream(run_dir, configs, "sft", {"hf": "hf"})
 
 
@@ -144,6 +144,8 @@ def test_align_stage_through_the_runner(tmp_path, tokenizer, docs):
     json.dumps(m)
     pairs = read_pairs(out / "pairs.jsonl")
     assert sum(p["split"] == "train" for p in pairs) == 32
+    assert m["max_length"] == 64 and m["dropped_prompt_too_long"] > 0
+    assert all(len(hf_lm.chat_ids(tokenizer, p["prompt"], add_generation_prompt=True)) <= 48 for p in pairs)
     assert not (out / "trainer").exists()
 
     aligned = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)

@@ -35,8 +35,8 @@ CHAT = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_truncation_keeps_the_start(tokenizer):
 
 
 def test_chat_template_round_trip(tokenizer, docs, tmp_path):
-    records = build_instructions(docs[:80], seed=7, heldout_fraction=0.2)
+    records = build_instructions(docs[:80], seed=7, heldout_fraction=0.2, chat_chars=320)
     path = write_jsonl(tmp_path / "instructions.jsonl", records)
     assert read_instructions(path) == records
     user, answer = records[0]["messages"]
@@ -81,13 +81,14 @@ def test_chat_template_round_trip(tokenizer, docs, tmp_path):
 
 
 def test_instructions_are_seeded_and_split_by_document(docs):
-    a = build_instructions(docs, seed=1, heldout_fraction=0.1)
-    assert a == build_instructions(docs, seed=1, heldout_fraction=0.1)
-    assert a != build_instructions(docs, seed=2, heldout_fraction=0.1)
+    a = build_instructions(docs, seed=1, heldout_fraction=0.1, chat_chars=320)
+    assert a == build_instructions(docs, seed=1, heldout_fraction=0.1, chat_chars=320)
+    assert a != build_instructions(docs, seed=2, heldout_fraction=0.1, chat_chars=320)
     shuffled = docs[:]
     random.Random(0).shuffle(shuffled)
     split = {r["id"]: r["split"] for r in a}
-    assert split == {r["id"]: r["split"] for r in build_instructions(shuffled, seed=1, heldout_fraction=0.1)}
+    again = build_instructions(shuffled, seed=1, heldout_fraction=0.1, chat_chars=320)
+    assert split == {r["id"]: r["split"] for r in again}
     val = sum(s == "val" for s in split.values())
     assert 0.05 * len(a) < val < 0.15 * len(a)
     for r in a[:50]:
@@ -143,7 +144,7 @@ def test_malformed_corpus_record_is_named(tmp_path):
 
 def test_adapter_reloads_in_peft_and_merges_into_base(tokenizer, docs, base_dir, tmp_path):
     cfg = SFTConfig(max_steps=8, batch_size=4, learning_rate=2e-2, warmup_steps=1, lora_dropout=0.1)
-    examples = [hf_lm.encode_chat(tokenizer, r["messages"], 128) for r in build_instructions(docs[:60], 3, 0.0)]
+    examples = [hf_lm.encode_chat(tokenizer, r["messages"], 128) for r in build_instructions(docs[:60], 3, 0.0, 320)]
     base, _ = hf_lm.load_causal_lm(base_dir)
     batch = hf_lm.pad_batch(examples[:3], tokenizer.pad_token_id)
     with torch.no_grad():
@@ -177,7 +178,7 @@ def test_sft_stage_through_the_runner(tmp_path, tokenizer, docs):
     configs = resolve_configs("smoke", ["sft.max_steps=20", "sft.learning_rate=1e-2"])
     write_corpus(run_dir / "curate" / "corpus", docs[:400])
     write_upstream(run_dir, configs, "curate", {"corpus": "corpus"})
-    save_hf(run_dir / "pretrain" / "hf", build_model(tokenizer), tokenizer)
+    save_hf(run_dir / "pretrain" / "hf", build_model(tokenizer, positions=64), tokenizer)  # as smoke's micro
     write_upstream(run_dir, configs, "pretrain", {"hf": "hf"})
 
     manifest = execute_stage(str(run_dir), "sft", configs_to_json(configs))
@@ -190,6 +191,8 @@ def test_sft_stage_through_the_runner(tmp_path, tokenizer, docs):
     assert 0 < m["trainable_fraction"] < 0.5
     records = read_instructions(out / "instructions.jsonl")
     assert sum(r["split"] == "train" for r in records) == 64
+    assert m["max_length"] == 64 and m["dropped_prompt_too_long"] > 0
+    assert all(len(hf_lm.chat_ids(tokenizer, r["messages"][:1], add_generation_prompt=True)) <= 48 for r in records)
 
     # Peer readers: peft reads the adapter onto the pretrain weights; it equals the merged hf/ checkpoint.
     base, _ = hf_lm.load_causal_lm(run_dir / "pretrain" / "hf")
@@ -197,7 +200,7 @@ def test_sft_stage_through_the_runner(tmp_path, tokenizer, docs):
     merged, merged_tok = hf_lm.load_causal_lm(out / "hf")
     assert merged_tok.chat_template == tokenizer.chat_template
     batch = hf_lm.pad_batch(
-        [hf_lm.encode_chat(merged_tok, r["messages"], 128) for r in records[:2]], merged_tok.pad_token_id
+        [hf_lm.encode_chat(merged_tok, r["messages"], 64) for r in records[:2]], merged_tok.pad_token_id
     )
     with torch.no_grad():
         a = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

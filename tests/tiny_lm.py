@@ -1,7 +1,7 @@
 """Builders of tiny real inputs for the sft/align/evaluate tests (not fixtures: plain functions).
 
-A byte-level BPE trained here on Python's own documentation, a randomly
-initialised 2-layer Llama, a JSONL corpus of documentation paragraphs, and the
+The tokenize stage's own byte-level BPE (curation.bpe) trained on Python's
+documentation, a randomly initialised 2-layer Llama, a JSONL corpus of documentation paragraphs, and the
 layout of upstream stage outputs that `StageContext.input_path` reads.
 """
 
@@ -10,12 +10,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
 def doc_paragraphs(min_chars: int = 80) -> list[dict]:
@@ -41,33 +35,17 @@ def write_corpus(directory: Path, docs: list[dict], shards: int = 2) -> Path:
     return directory
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """Return a PreTrainedTokenizerFast (byte-level BPE, chat template) trained on pydoc text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def build_tokenizer(tmp_dir: Path, vocab_size: int = 512):
+    """Return the HF tokenizer the tokenize stage would save, trained here on pydoc text."""
+    from transformers import AutoTokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator((d["text"] for d in doc_paragraphs()), trainer=trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
-        clean_up_tokenization_spaces=False,
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    from curation.bpe import save_for_transformers, train_bpe
+
+    save_for_transformers(train_bpe((d["text"] for d in doc_paragraphs()), vocab_size), tmp_dir)
+    return AutoTokenizer.from_pretrained(str(tmp_dir), local_files_only=True)
 
 
-def build_model(tokenizer, hidden: int = 48, layers: int = 2, seed: int = 0):
+def build_model(tokenizer, hidden: int = 48, layers: int = 2, seed: int = 0, positions: int = 512):
     """Return a randomly initialised fp32 LlamaForCausalLM sized for `tokenizer`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -80,7 +58,7 @@ def build_model(tokenizer, hidden: int = 48, layers: int = 2, seed: int = 0):
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
