@@ -23,6 +23,7 @@ import inspect
 import operator
 import types
 from functools import reduce
+from importlib.metadata import version
 
 import torch
 from megatron.core import parallel_state
@@ -83,8 +84,6 @@ def apply_cpu_shims() -> bool:
 def check_cpu_shims() -> None:
     """Raise RuntimeError if megatron-core no longer has what the shims patch, as they patch it."""
     problems = []
-    from importlib.metadata import version
-
     if version("megatron-core") != PATCHED_MCORE_VERSION:
         problems.append(
             f"megatron-core is {version('megatron-core')}, the shims were written for {PATCHED_MCORE_VERSION}"

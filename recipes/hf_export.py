@@ -12,10 +12,11 @@ tokenizer's rows.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from recipes.models import ModelRecipe
 
@@ -38,10 +39,10 @@ def megatron_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def llama_config(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerBase, seq_length: int) -> LlamaConfig:
-    """Return the HF LlamaConfig of `recipe` with the tokenizer's vocabulary and special ids."""
+def llama_config(recipe: ModelRecipe, vocab_size: int, seq_length: int, **token_ids: int | None) -> LlamaConfig:
+    """Return the HF LlamaConfig of `recipe`; `token_ids` are bos_token_id, eos_token_id, pad_token_id."""
     return LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.ffn_hidden_size,
         num_hidden_layers=recipe.num_layers,
@@ -52,13 +53,11 @@ def llama_config(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerBase, seq_le
         rms_norm_eps=recipe.norm_epsilon,
         rope_parameters={"rope_type": "default", "rope_theta": recipe.rotary_base},
         initializer_range=recipe.init_method_std,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         attention_bias=False,
         mlp_bias=False,
         dtype="float32",
+        **token_ids,
     )
 
 
@@ -124,19 +123,26 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], recipe: ModelRecipe, padded_voca
     return tensors
 
 
-def export_llama(
-    model: torch.nn.Module,
-    recipe: ModelRecipe,
-    tokenizer: PreTrainedTokenizerBase,
-    seq_length: int,
-    out_dir: Path,
-) -> Path:
-    """Write `model` as an HF Llama checkpoint (config, safetensors, tokenizer) in `out_dir`; return it."""
-    config = llama_config(recipe, tokenizer, seq_length)
+def export_llama(model: torch.nn.Module, recipe: ModelRecipe, tokenizer_dir: Path, seq_length: int, out_dir: Path) -> Path:
+    """Write `model` as an HF Llama checkpoint in `out_dir`; return it.
+
+    `out_dir` gets config.json, generation_config.json, model.safetensors and the
+    files of `tokenizer_dir` copied verbatim (the tokenizer the model was trained with).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    config = llama_config(
+        recipe,
+        len(tokenizer),
+        seq_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     state = megatron_to_hf(megatron_tensors(model), recipe, len(tokenizer))
     hf_model = LlamaForCausalLM(config)
     hf_model.load_state_dict(state, strict=True)
-    hf_model.generation_config.pad_token_id = tokenizer.pad_token_id
     hf_model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file():
+            shutil.copy2(f, out_dir / f.name)
     return out_dir

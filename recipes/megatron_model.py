@@ -1,15 +1,15 @@
 """Build a Llama-shaped megatron-core `GPTModel` from a `ModelRecipe`.
 
-CPU (the embedded default): one process, `gloo` world of size 1, local layer
-spec (plain torch modules; core attention through torch SDPA), CPU
-initialisation and the shims of `recipes.cpu_shims`. GPU: Transformer Engine layer spec when it imports, CUDA
-RNG tracker seeded by megatron-core; torchrun's environment sets up the world
-when present.
+One process, a torch.distributed world of size 1 (in-memory store) and
+megatron's parallel state with TP = PP = 1. CPU (the embedded default): `gloo`,
+the local layer spec (plain torch modules; core attention through torch SDPA),
+CPU initialisation and the shims of `recipes.cpu_shims`. GPU: `nccl`, the
+Transformer Engine layer spec when TE imports (else the same local spec), the
+CUDA RNG tracker seeded by megatron-core. Data parallelism across processes
+(torchrun + mcore DDP and its forward/backward schedules) is not wired in.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -26,20 +26,16 @@ from recipes.models import ModelRecipe
 
 
 def init_model_parallel(seed: int) -> str:
-    """Set up torch.distributed and megatron's parallel state (TP=PP=1) once; return the device.
+    """Set up a one-process torch.distributed world and megatron's parallel state once; return the device.
 
     Idempotent: a second call in the same process only re-applies the RNG setup.
     """
     cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
-        backend = "nccl" if cuda else "gloo"
-        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:  # launched by torchrun
-            torch.distributed.init_process_group(backend)
-        else:  # one process: an in-memory store, no port, no file
-            store = torch.distributed.HashStore()
-            torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        store = torch.distributed.HashStore()  # in memory: no port, no file
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=store, rank=0, world_size=1)
+    if torch.distributed.get_world_size() != 1:
+        raise NotImplementedError("the pretrain loop runs one process; data parallelism is not wired in")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     if cuda:

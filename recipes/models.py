@@ -46,9 +46,13 @@ class ModelRecipe:
         return self.num_layers * (attention + mlp + norms) + 2 * vocab_size * h + h
 
     def flops_per_token(self, vocab_size: int, seq_length: int | None = None) -> float:
-        """Return training FLOPs per token: 6·N for the weights plus 12·L·s·h for attention scores."""
+        """Return training FLOPs per token: 6·N plus 12·L·s·h for attention (PaLM's count).
+
+        N leaves out the input embedding: a lookup, not a matmul.
+        """
         s = seq_length or self.seq_length
-        return 6.0 * self.num_params(vocab_size) + 12.0 * self.num_layers * s * self.hidden_size
+        matmul_params = self.num_params(vocab_size) - vocab_size * self.hidden_size
+        return 6.0 * matmul_params + 12.0 * self.num_layers * s * self.hidden_size
 
 
 MODELS: dict[str, ModelRecipe] = {

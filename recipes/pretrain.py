@@ -17,10 +17,17 @@ Writes, under the stage directory:
 from __future__ import annotations
 
 import math
+import shutil
 import time
+import warnings
 from pathlib import Path
 
-import torch
+# megatron-core announces each torch fallback it takes where Apex/Transformer Engine
+# are absent (always, on CPU) and warns about a config default it deprecated itself.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed", category=UserWarning)
+warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
+
+import torch  # noqa: E402  (after the filters: megatron warns at import time)
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
@@ -99,7 +106,8 @@ def train(
     if found:
         state = load_checkpoint(found, model, optimizer)
         state["resumed_from"] = state["step"]
-    mask = causal_mask(seq_length)
+    device = next(model.parameters()).device
+    mask = causal_mask(seq_length, device)
     mbs = cfg.micro_batch_size
     model.train()
     bar = tqdm(range(state["step"], cfg.max_steps), initial=state["step"], total=cfg.max_steps, desc="pretrain")
@@ -108,7 +116,7 @@ def train(
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        data = batch(train_ds, range(step * mbs, (step + 1) * mbs))
+        data = batch(train_ds, range(step * mbs, (step + 1) * mbs), device)
         loss = lm_loss(model, data, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -153,12 +161,15 @@ def plot_loss_curve(state: dict, unigram: float, path: Path) -> Path:
 
 @torch.no_grad()
 def hf_logits_max_abs_diff(model: torch.nn.Module, hf_dir: Path, tokens: torch.Tensor, vocab_size: int) -> float:
-    """Return max |logits| difference between the Megatron model and the HF Llama loaded from `hf_dir`."""
+    """Return max |logits| difference between the Megatron model and the HF Llama loaded from `hf_dir`.
+
+    Both run in fp32; the HF model runs on the CPU.
+    """
     model.eval()
     seq = tokens.shape[1]
-    mcore_logits = model(tokens, None, causal_mask(seq))[..., :vocab_size]  # [b, s, V]
+    mcore_logits = model(tokens, None, causal_mask(seq, tokens.device))[..., :vocab_size].cpu()  # [b, s, V]
     hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
-    hf_logits = hf_model(input_ids=tokens).logits  # [b, s, V]
+    hf_logits = hf_model(input_ids=tokens.cpu()).logits  # [b, s, V]
     return float((mcore_logits - hf_logits).abs().max())
 
 
@@ -168,13 +179,21 @@ def print_summary(metrics: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        if isinstance(value, int):
+            text = f"{value:,}"
+        elif abs(value) >= 100:
+            text = f"{value:,.1f}"
+        else:
+            text = f"{value:.4g}"
+        table.add_row(key, text)
     Console().print(table)
 
 
 def run(ctx: StageContext) -> StageResult:
     """Train, checkpoint, export to HF Llama and verify the export; return outputs and metrics."""
     cfg: PretrainConfig = ctx.config
+    if min(cfg.max_steps, cfg.eval_every, cfg.checkpoint_every, cfg.micro_batch_size, cfg.eval_batches) < 1:
+        raise ValueError("pretrain: max_steps, eval_every, checkpoint_every, micro_batch_size, eval_batches must be >= 1")
     torch.set_num_threads(ctx.threads)
     recipe = get_model_recipe(cfg.model)
     seq_length = cfg.seq_length or recipe.seq_length
@@ -183,17 +202,17 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     vocab_size = len(tokenizer)
 
+    model = build_gpt_model(recipe, vocab_size, ctx.seed, seq_length)
+    device = next(model.parameters()).device
     train_ds, valid_ds = build_gpt_datasets(
         data_dir, tokenizer_dir, seq_length, cfg.max_steps * cfg.micro_batch_size, ctx.seed, ctx.out_dir / "dataset_cache"
     )
     n_valid = min(len(valid_ds), cfg.eval_batches * cfg.micro_batch_size)
     if n_valid == 0:
         raise ValueError(f"the validation set has no sample of {seq_length} tokens; lower pretrain.seq_length")
-    valid_batches = [
-        batch(valid_ds, range(i, min(i + cfg.micro_batch_size, n_valid))) for i in range(0, n_valid, cfg.micro_batch_size)
-    ]
+    mbs = cfg.micro_batch_size
+    valid_batches = [batch(valid_ds, range(i, min(i + mbs, n_valid)), device) for i in range(0, n_valid, mbs)]
 
-    model = build_gpt_model(recipe, vocab_size, ctx.seed, seq_length)
     optimizer = make_optimizer(model, cfg)
     state = train(model, optimizer, train_ds, valid_batches, cfg, seq_length, ctx.out_dir / "checkpoint")
 
@@ -203,7 +222,8 @@ def run(ctx: StageContext) -> StageResult:
     unigram = unigram_loss(data_dir, vocab_size, labels, loss_mask)
     plot_loss_curve(state, unigram, ctx.out_dir / "loss_curve.png")
 
-    hf_dir = export_llama(model, recipe, tokenizer, seq_length, ctx.out_dir / "hf")
+    shutil.rmtree(ctx.out_dir / "hf", ignore_errors=True)  # a half-written export of a killed run
+    hf_dir = export_llama(model, recipe, tokenizer_dir, seq_length, ctx.out_dir / "hf")
     diff = hf_logits_max_abs_diff(model, hf_dir, valid_batches[0]["tokens"], vocab_size)
     if diff > MAX_HF_LOGITS_DIFF:
         raise RuntimeError(f"HF export differs from the Megatron model: max |logits diff| {diff:.3g} > {MAX_HF_LOGITS_DIFF}")

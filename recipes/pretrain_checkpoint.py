@@ -74,5 +74,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     torch.set_rng_state(tensors["rng.torch"])
     for name, param in model.named_parameters():
         if f"{name}.step" in tensors:
-            optimizer.state[param] = {key: tensors[f"{name}.{key}"] for key in MOMENTS}
+            moments = {key: tensors[f"{name}.{key}"].to(param.device) for key in ("exp_avg", "exp_avg_sq")}
+            optimizer.state[param] = {"step": tensors[f"{name}.step"], **moments}  # AdamW keeps step on CPU
     return json.loads((path / "train_state.json").read_text())

@@ -51,15 +51,15 @@ def build_gpt_datasets(
     return train, valid
 
 
-def batch(dataset: GPTDataset, indices: range) -> dict[str, torch.Tensor]:
-    """Return the samples `indices` of `dataset` stacked: tokens/labels/loss_mask [b, s]."""
+def batch(dataset: GPTDataset, indices: range, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Return the samples `indices` of `dataset` stacked on `device`: tokens/labels/loss_mask [b, s]."""
     samples = [dataset[i] for i in indices]
-    return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+    return {key: torch.stack([s[key] for s in samples]).to(device) for key in ("tokens", "labels", "loss_mask")}
 
 
-def causal_mask(seq_length: int) -> torch.Tensor:
+def causal_mask(seq_length: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """Return megatron's attention mask [1, 1, s, s]: True where a query may NOT attend."""
-    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1)[None, None]
+    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
 def unigram_loss(data_dir: Path, vocab_size: int, labels: torch.Tensor, loss_mask: torch.Tensor) -> float:
@@ -68,5 +68,5 @@ def unigram_loss(data_dir: Path, vocab_size: int, labels: torch.Tensor, loss_mas
     tokens = np.memmap(data_dir / "train.bin", dtype=dtype, mode="r")
     counts = np.bincount(tokens, minlength=vocab_size)[:vocab_size].astype(np.float64)
     log_p = torch.from_numpy(np.log(counts + 1.0) - np.log(counts.sum() + vocab_size))
-    nll = -log_p[labels] * loss_mask  # [b, s]
-    return float(nll.sum() / loss_mask.sum())
+    nll = -log_p[labels.cpu()] * loss_mask.cpu()  # [b, s]
+    return float(nll.sum() / loss_mask.sum().cpu())

@@ -12,7 +12,7 @@ class PretrainConfig:
     """Settings of the `pretrain` stage; `model` names a recipe in recipes.models."""
 
     model: str = "tiny"
-    max_steps: int = 300
+    max_steps: int = 250
     eval_every: int = 100
     checkpoint_every: int = 50
     micro_batch_size: int = 8  # sequences per step (one micro-batch, no accumulation)

@@ -8,7 +8,10 @@ the tokenize stage lays them out.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,17 +22,23 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.presets import resolve_configs
+from pipeline.runner import configs_to_json, execute_stage, make_plan
+from recipes.stages import PretrainConfig
+
 torch.set_num_threads(1)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*(Apex|Transformer Engine).* not installed:UserWarning"),
+    pytest.mark.filterwarnings("ignore:full scope is deprecated:UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron"),
+]
 
 VOCAB = 500  # not a multiple of 64: the Megatron embedding is padded to 512, HF keeps 500
-SPECIAL = ["<s>", "</s>", "<pad>"]
 REPO = Path(__file__).resolve().parent.parent
 
 
 def doc_texts() -> list[str]:
     """Return pydoc_data.topics split into paragraphs of at least 80 characters."""
-    import re
-
     from pydoc_data.topics import topics
 
     paras = (p.strip() for t in sorted(topics) for p in re.split(r"\n\s*\n", topics[t]))
@@ -47,18 +56,20 @@ def write_tokenized(out: Path) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=VOCAB,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.save_pretrained(out / "tokenizer")
     (out / "data").mkdir(parents=True)
-    eos = tok.eos_token_id
-    splits = {"train": texts[: -len(texts) // 20], "valid": texts[-len(texts) // 20 :]}
-    for split, docs in splits.items():
+    n_valid = len(texts) // 20
+    for split, docs in (("train", texts[:-n_valid]), ("valid", texts[-n_valid:])):
         builder = IndexedDatasetBuilder(str(out / "data" / f"{split}.bin"), dtype=np.uint16)
-        for text in docs:
-            ids = tok(text, add_special_tokens=False)["input_ids"] + [eos]
+        for enc in bpe.encode_batch(docs, add_special_tokens=False):
+            ids = enc.ids + [tok.eos_token_id]
             builder.add_document(np.asarray(ids), [len(ids)])
         builder.finalize(str(out / "data" / f"{split}.idx"))
     return out
@@ -67,3 +78,302 @@ def write_tokenized(out: Path) -> Path:
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory) -> Path:
     return write_tokenized(tmp_path_factory.mktemp("tokenize"))
+
+
+def micro():
+    from recipes.models import get_model_recipe
+
+    return get_model_recipe("micro")
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every weight large random values (norm weights around 1), so that mapping errors show."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.5 * noise if p.dim() == 1 else noise / math.sqrt(p.shape[-1]))
+    return model
+
+
+def layout_run_dir(run_dir: Path, tokenized: Path, configs: dict) -> Path:
+    """Put `tokenized` at run_dir/tokenize with a completed manifest of the planned fingerprint."""
+    shutil.copytree(tokenized, run_dir / "tokenize")
+    fingerprint = make_plan(run_dir, configs, ["tokenize"])[0].fingerprint
+    manifest = {
+        "stage": "tokenize",
+        "status": "completed",
+        "fingerprint": fingerprint,
+        "outputs": {"tokenizer": {"path": "tokenizer"}, "data": {"path": "data"}},
+        "metrics": {},
+    }
+    (run_dir / "tokenize" / "manifest.json").write_text(json.dumps(manifest))
+    return run_dir
+
+
+# --- CPU shims -------------------------------------------------------------------------------
+
+
+def test_cpu_shims_are_current_and_megatron_trains_on_cpu():
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    from recipes.cpu_shims import check_cpu_shims
+    from recipes.megatron_model import build_gpt_model
+    from recipes.pretrain import lm_loss
+    from recipes.pretrain_data import causal_mask
+
+    check_cpu_shims()
+    model = build_gpt_model(micro(), VOCAB, seed=0)
+    tokens = torch.randint(0, VOCAB, (2, 32))
+    data = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(2, 32)}
+    loss = lm_loss(model, data, causal_mask(32))
+    loss.backward()
+    assert abs(loss.item() - math.log(512)) < 0.1  # a fresh model predicts ~uniformly over its 512 rows
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == micro().num_params(512)
+    # only the rotary module sees a CPU "current device"; torch.cuda itself is untouched
+    assert rotary_pos_embedding.torch.cuda.current_device() == "cpu"
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.cuda.current_device()
+
+
+def test_cpu_shims_check_fails_loudly_when_megatron_changes(monkeypatch):
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from recipes.cpu_shims import check_cpu_shims
+
+    def get_emb(self, max_seq_len, offset=0):  # what a CPU-aware upgrade might look like
+        return self.get_freqs_non_repeated(max_seq_len, offset)
+
+    monkeypatch.setattr(RotaryEmbedding, "get_emb", get_emb)
+    with pytest.raises(RuntimeError, match="RotaryEmbedding.get_emb"):
+        check_cpu_shims()
+
+
+# --- HF export -------------------------------------------------------------------------------
+
+
+def test_hf_export_gives_the_megatron_logits_in_transformers(tmp_path, tokenized):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from recipes.hf_export import export_llama
+    from recipes.megatron_model import build_gpt_model
+    from recipes.pretrain_data import causal_mask
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenized / "tokenizer")
+    model = randomize(build_gpt_model(micro(), len(tokenizer), seed=0)).eval()
+    export_llama(model, micro(), tokenized / "tokenizer", 64, tmp_path / "hf")
+
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert hf.config.vocab_size == len(tokenizer) == VOCAB
+    assert model.output_layer.weight.shape[0] == 512
+    assert hf.config.num_key_value_heads == 2 and hf.config.num_attention_heads == 4
+    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mcore = model(tokens, None, causal_mask(64))[..., :VOCAB]
+        theirs = hf(input_ids=tokens).logits
+    assert mcore.std() > 1.0  # large logits: a wrong mapping could not hide in rounding
+    assert (mcore - theirs).abs().max().item() <= 1e-4
+    for f in (tokenized / "tokenizer").iterdir():  # the tokenizer travels byte for byte
+        assert (tmp_path / "hf" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_hf_to_megatron_to_hf_round_trip_is_exact(tokenized):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from recipes.hf_export import hf_to_megatron, llama_config, megatron_tensors, megatron_to_hf
+    from recipes.megatron_model import build_gpt_model
+    from recipes.pretrain_data import causal_mask
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenized / "tokenizer")
+    torch.manual_seed(3)
+    hf = randomize(LlamaForCausalLM(llama_config(micro(), len(tokenizer), 64)), seed=3).eval()
+    hf_state = hf.state_dict()
+
+    model = build_gpt_model(micro(), VOCAB, seed=0).eval()
+    mcore_state = hf_to_megatron(hf_state, micro(), 512)
+    assert set(mcore_state) == set(megatron_tensors(model))
+    model.load_state_dict(mcore_state, strict=False)
+    assert (mcore_state["output_layer.weight"][VOCAB:] == 0).all()
+
+    back = megatron_to_hf(megatron_tensors(model), micro(), VOCAB)
+    assert set(back) == set(hf_state)
+    mismatches = [k for k in hf_state if not torch.equal(back[k], hf_state[k])]
+    assert mismatches == []
+    tokens = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = (model(tokens, None, causal_mask(48))[..., :VOCAB] - hf(input_ids=tokens).logits).abs().max()
+    assert diff.item() <= 1e-4
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def test_gpt_dataset_samples_are_windows_of_our_documents(tmp_path, tokenized):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from recipes.pretrain_data import build_gpt_datasets
+
+    data, seq = tokenized / "data", 64
+    train, valid = build_gpt_datasets(data, tokenized / "tokenizer", seq, 3000, 1234, tmp_path / "cache")
+    peer = IndexedDataset(str(data / "train"))
+    lengths = peer.sequence_lengths
+    assert all(peer[i][-1] == 1 for i in range(len(peer)))  # every document ends in </s>
+    epoch_tokens = int(lengths.sum())
+    assert len(train) >= 3000 > (epoch_tokens - 1) // seq  # more than one epoch was built
+
+    # sample j = the seq+1 tokens starting at (document, offset) of the document stream
+    stream = np.concatenate([peer[int(d)] for d in train.document_index])
+    starts = np.concatenate([[0], np.cumsum(lengths[train.document_index])])
+    for j in (0, 1, 777, len(train) - 1):
+        doc_pos, offset = train.sample_index[train.shuffle_index[j]]
+        begin = starts[doc_pos] + offset
+        window = torch.from_numpy(stream[begin : begin + seq + 1].astype(np.int64))
+        sample = train[j]
+        assert torch.equal(sample["tokens"], window[:-1]) and torch.equal(sample["labels"], window[1:])
+        assert sample["loss_mask"].sum() == seq
+    assert len(valid) == (int(IndexedDataset(str(data / "valid")).sequence_lengths.sum()) - 1) // seq
+    assert list((tmp_path / "cache").glob("*shuffle_index.npy"))  # index caches went where we said
+
+
+def test_unigram_baseline_is_the_cross_entropy_of_token_frequencies(tokenized):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from recipes.pretrain_data import unigram_loss
+
+    peer = IndexedDataset(str(tokenized / "data" / "train"))
+    counts = np.bincount(np.concatenate([peer[i] for i in range(len(peer))]), minlength=VOCAB) + 1.0
+    labels = torch.tensor([[1, 5, 5, 300]])
+    expected = -np.mean(np.log(counts[[1, 5, 5]] / counts.sum()))  # the last label is masked out
+    loss = unigram_loss(tokenized / "data", VOCAB, labels, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert loss == pytest.approx(expected, rel=1e-9)
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def test_training_reduces_validation_loss(tmp_path, tokenized):
+    from recipes.megatron_model import build_gpt_model
+    from recipes.pretrain import evaluate, make_optimizer, train
+    from recipes.pretrain_data import batch, build_gpt_datasets, causal_mask
+
+    cfg = PretrainConfig(model="micro", max_steps=40, eval_every=40, checkpoint_every=40, micro_batch_size=4)
+    train_ds, valid_ds = build_gpt_datasets(tokenized / "data", tokenized / "tokenizer", 64, 160, 1, tmp_path / "c")
+    valid_batches = [batch(valid_ds, range(0, 8))]
+    model = build_gpt_model(micro(), VOCAB, seed=0)
+    before = evaluate(model, valid_batches, causal_mask(64))
+    state = train(model, make_optimizer(model, cfg), train_ds, valid_batches, cfg, 64, tmp_path / "checkpoint")
+    assert state["step"] == 40 and [s for s, _ in state["val"]] == [40]
+    assert state["val"][0][1] < before - 0.5
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_checkpoint_restores_weights_and_optimizer_even_from_a_swap_cut_short(tmp_path):
+    from recipes.megatron_model import build_gpt_model
+    from recipes.pretrain import make_optimizer
+    from recipes.pretrain_checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+
+    cfg = PretrainConfig(model="micro")
+    model = build_gpt_model(micro(), VOCAB, seed=0)
+    optimizer = make_optimizer(model, cfg)
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    model(tokens, None, None, labels=tokens).mean().backward()
+    optimizer.step()
+    path = tmp_path / "checkpoint"
+    save_checkpoint(path, model, optimizer, {"step": 1})
+    save_checkpoint(path, model, optimizer, {"step": 2})
+    path.rename(tmp_path / "checkpoint.prev")  # as if killed between the two renames of a third save
+    found = find_checkpoint(path)
+    assert found == tmp_path / "checkpoint.prev"
+
+    fresh = build_gpt_model(micro(), VOCAB, seed=1)
+    fresh_optimizer = make_optimizer(fresh, cfg)
+    assert load_checkpoint(found, fresh, fresh_optimizer) == {"step": 2}
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name
+        assert all(torch.equal(optimizer.state[a][k], fresh_optimizer.state[b][k]) for k in optimizer.state[a]), name
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    from recipes.pretrain import lr_at
+
+    cfg = PretrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-2)
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def test_stage_through_the_runner_exports_a_working_hf_llama(tmp_path, tokenized):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    configs = resolve_configs("smoke")
+    run_dir = layout_run_dir(tmp_path / "run", tokenized, configs)
+    manifest = execute_stage(str(run_dir), "pretrain", configs_to_json(configs))
+
+    assert manifest["status"] == "completed"
+    m = manifest["metrics"]
+    assert m["steps"] == 20 and m["hf_logits_max_abs_diff"] <= 1e-4
+    assert m["val_loss"] < math.log(VOCAB) - 0.3 and m["val_ppl"] == pytest.approx(math.exp(m["val_loss"]), rel=1e-3)
+    out = run_dir / "pretrain"
+    assert (out / manifest["outputs"]["loss_curve"]["path"]).read_bytes()[:4] == b"\x89PNG"
+    hf_dir = out / manifest["outputs"]["hf"]["path"]
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    ids = tokenizer("The import statement", return_tensors="pt")["input_ids"]
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 5
+    assert not (run_dir / "pretrain.tmp").exists()
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, tokenized):
+    from safetensors.torch import load_file
+
+    steps = 200
+    configs = resolve_configs(
+        "smoke", [f"pretrain.max_steps={steps}", "pretrain.checkpoint_every=10", "pretrain.eval_every=50"]
+    )
+    configs_json = configs_to_json(configs)
+    whole = layout_run_dir(tmp_path / "whole", tokenized, configs)
+    killed = layout_run_dir(tmp_path / "killed", tokenized, configs)
+
+    code = "import sys; from pipeline.runner import execute_stage; execute_stage(sys.argv[1], 'pretrain', sys.argv[2])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(killed), configs_json],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    state_file = killed / "pretrain.tmp" / "checkpoint" / "train_state.json"
+
+    def checkpointed_step() -> int:
+        try:
+            return json.loads(state_file.read_text())["step"]
+        except FileNotFoundError:  # none yet, or a checkpoint swap in flight
+            return 0
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and checkpointed_step() < 30:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the stage finished (or died) before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "pretrain").exists()
+
+    resumed = execute_stage(str(killed), "pretrain", configs_json)
+    reference = execute_stage(str(whole), "pretrain", configs_json)
+
+    assert resumed["resumed"] and 30 <= resumed["metrics"]["resumed_from_step"] < steps
+    for key in ("steps", "train_loss", "val_loss", "hf_logits_max_abs_diff"):
+        assert resumed["metrics"][key] == reference["metrics"][key], key
+    a = load_file(killed / "pretrain" / "checkpoint" / "model.safetensors")
+    b = load_file(whole / "pretrain" / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = [json.loads((d / "pretrain" / "checkpoint" / "train_state.json").read_text()) for d in (killed, whole)]
+    assert history[0]["train"] == history[1]["train"] and history[0]["val"] == history[1]["val"]
+    assert resumed["outputs"]["hf"]["sha256"] == reference["outputs"]["hf"]["sha256"]
