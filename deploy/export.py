@@ -57,6 +57,5 @@ def run(ctx: StageContext) -> StageResult:
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
-    table.add_row("repository", str(repo))
     Console().print(table)
     return StageResult(outputs={"hf": "hf", "triton_repo": "triton_repo"}, metrics=metrics)

@@ -24,12 +24,11 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config
     repo = ctx.input_path("export", "triton_repo")
     model = ctx.input_metrics("export")["model_name"]
-    console = Console()
-    console.print(f"[aigc] serve: starting Triton on {cfg.host} with {repo}")
+    print(f"[aigc] serve: starting Triton on {cfg.host} with {repo}", flush=True)
     log = ctx.out_dir / "triton.log"
     log.unlink(missing_ok=True)
     with TritonServer(repo, host=cfg.host, log_file=log, ready_timeout_s=cfg.ready_timeout_s) as server:
-        console.print(f"[aigc] serve: ready in {server.start_to_ready_s:.1f}s at http://{server.http_url}")
+        print(f"[aigc] serve: ready in {server.start_to_ready_s:.1f}s at http://{server.http_url}", flush=True)
         with TextClient(server.http_url, model) as client:
             started = time.perf_counter()
             answer = client.generate(cfg.prompt, cfg.max_tokens)
@@ -45,6 +44,7 @@ def run(ctx: StageContext) -> StageResult:
     }
     (ctx.out_dir / "answer.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
+    console = Console()
     console.print(Panel(Text.assemble((cfg.prompt, "bold"), (answer, "green")), title=f"Triton answer ({model})"))
     table = Table(title="serve")
     table.add_column("figure")

@@ -4,7 +4,7 @@
 repository, waits until every model in it answers `/v2/models/<m>/ready`, and
 stops it cleanly: SIGINT, a wait, then SIGKILL of its whole process group, so no
 tritonserver or python-backend stub outlives it; its temporary backend directory
-is removed.
+and its shared-memory regions are removed.
 
 What the bundled binary needs (PLATFORM-NOTES, Serving):
 - a backend directory whose `python/` holds the stub built for this interpreter's
@@ -12,7 +12,8 @@ What the bundled binary needs (PLATFORM-NOTES, Serving):
 - this interpreter's libpython first on LD_LIBRARY_PATH, then the wheel's own
   libraries (the stub links libcudart from there even on CPU);
 - this interpreter's site-packages on PYTHONPATH, so model.py imports torch and
-  transformers from our environment (a virtualenv included).
+  transformers from our environment (meant for a virtualenv too; verified with
+  the global pyenv interpreter only).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import site
@@ -34,11 +36,16 @@ import urllib.request
 from pathlib import Path
 
 TEMP_PREFIX = "aigc-triton-"
+SHM_DIR = "/dev/shm"
 _PR_SET_PDEATHSIG = 1
 
 
 class TritonStartError(RuntimeError):
     """The server exited or did not become ready; the message holds its log tail."""
+
+
+class TritonCrashed(TritonStartError):
+    """The server was killed by a signal while loading its models."""
 
 
 def pytriton_dir() -> Path:
@@ -75,17 +82,21 @@ def server_env() -> dict[str, str]:
     return env
 
 
+_LIBC = ctypes.CDLL(None)  # loaded here: the child between fork and exec must not dlopen
+
+
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the process that started it dies."""
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    """In the child before exec: get SIGTERM when the thread that started it dies."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class TritonServer:
     """A tritonserver process serving `repo` on `host`; a context manager (start ... stop).
 
     Ports left at 0 are chosen free. `log_file` keeps the server log (default: a
-    file in the temporary directory, removed on stop). The server gets SIGTERM if
-    the thread that started it dies.
+    file in the temporary directory, removed on stop). A server killed by a signal
+    while loading is started again, `start_attempts` times in all. The server gets
+    SIGTERM if the thread that started it dies.
     """
 
     def __init__(
@@ -99,6 +110,7 @@ class TritonServer:
         log_file: Path | None = None,
         ready_timeout_s: float = 300.0,
         stop_timeout_s: float = 30.0,
+        start_attempts: int = 3,
     ):
         self.repo = Path(repo).resolve()
         self.models = repository_models(self.repo)
@@ -111,10 +123,12 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else None
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.start_attempts = start_attempts
         self.start_to_ready_s: float | None = None
         self._proc: subprocess.Popen | None = None
         self._tmp: Path | None = None
         self._log_path: Path | None = None
+        self._shm_prefix = f"aigc_triton_{os.getpid()}_{secrets.token_hex(4)}_"
 
     @property
     def http_url(self) -> str:
@@ -155,25 +169,38 @@ class TritonServer:
         self._tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
         try:
             backends = self._backend_dir(self._tmp)
-            log_path = self.log_file or self._tmp / "tritonserver.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_path = log_path
-            with open(log_path, "ab") as log:
-                self._proc = subprocess.Popen(
-                    self._command(backends),
-                    env=server_env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # own process group: its stubs die with it, Ctrl-C reaches us only
-                    preexec_fn=_die_with_parent,
-                )
-            self._wait_ready()
+            self._log_path = self.log_file or self._tmp / "tritonserver.log"
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            for attempt in range(1, self.start_attempts + 1):
+                self._launch(backends)
+                try:
+                    self._wait_ready()
+                    break
+                except TritonCrashed as exc:
+                    # seen on busy 2-core machines: the python backend aborts with
+                    # boost::interprocess::lock_exception while stubs load; a restart loads fine
+                    self._stop_process()
+                    if attempt == self.start_attempts:
+                        raise
+                    print(f"[aigc] {str(exc).splitlines()[0]} Starting it again (attempt {attempt + 1} "
+                          f"of {self.start_attempts}).", file=sys.stderr, flush=True)
         except BaseException:
             self.stop()
             raise
         self.start_to_ready_s = time.perf_counter() - started
         return self.start_to_ready_s
+
+    def _launch(self, backends: Path) -> None:
+        with open(self._log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                self._command(backends),
+                env=server_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: its stubs die with it, Ctrl-C reaches us only
+                preexec_fn=_die_with_parent,
+            )
 
     def _backend_dir(self, tmp: Path) -> Path:
         """Return a backend directory holding the python backend and this Python's stub."""
@@ -202,6 +229,11 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             "--exit-on-error=true",
+            # the stub imports torch + transformers before it answers; the default 30 s
+            # timeout crashes the server (boost lock_exception) on a busy 2-core machine
+            f"--backend-config=python,stub-timeout-seconds={int(self.ready_timeout_s)}",
+            # our own shared-memory names, so stop() can remove what a crashed server leaves in /dev/shm
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             f"--exit-timeout-secs={max(1, int(self.stop_timeout_s) - 5)}",
         ]
 
@@ -211,7 +243,8 @@ class TritonServer:
         while waiting:
             code = self._proc.poll()
             if code is not None:
-                raise TritonStartError(
+                error = TritonCrashed if code < 0 else TritonStartError
+                raise error(
                     f"tritonserver exited with code {code} before {', '.join(waiting)} was ready.\n"
                     f"--- server log (last lines) ---\n{self.log_tail()}"
                 )
@@ -244,6 +277,16 @@ class TritonServer:
 
     def stop(self) -> int | None:
         """Stop the server and its stubs, remove the temporary directory; return its exit code."""
+        code = self._stop_process()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+        for region in Path(SHM_DIR).glob(self._shm_prefix + "*"):
+            region.unlink(missing_ok=True)
+        return code
+
+    def _stop_process(self) -> int | None:
+        """Stop the server process and its process group; return its exit code."""
         code = None
         if self._proc is not None:
             group = self._proc.pid  # start_new_session: the process group id is the server's pid
@@ -257,9 +300,6 @@ class TritonServer:
             code = self._proc.returncode
             self._reap_group(group)
             self._proc = None
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
         return code
 
     @staticmethod

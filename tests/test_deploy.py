@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,9 @@ def served(repo):
         serve.wait_ready()
         triton = processes_mentioning(f"--model-repository={repo}")
         assert len(triton) == 1, triton
-        serve.backend_dir = re.search(r"--backend-directory=(\S+)", next(iter(triton.values()))).group(1)
+        cmdline = next(iter(triton.values()))
+        serve.backend_dir = re.search(r"--backend-directory=(\S+)", cmdline).group(1)
+        serve.shm_prefix = re.search(r"shm-region-prefix-name=(\S+)", cmdline).group(1)
         yield serve
     finally:
         serve.stop()
@@ -194,6 +197,25 @@ def test_http_and_grpc_answer_like_transformers_greedy(served, reference):
 
 
 @pytest.mark.slow
+def test_generate_endpoints_answer_like_transformers_greedy(served, reference):
+    """Triton's HTTP generate extension, which TensorRT-LLM's docs use with curl."""
+    import urllib.request
+
+    body = json.dumps({"text_input": PROMPTS[2], "max_tokens": 10}).encode()
+
+    def post(path: str) -> str:
+        request = urllib.request.Request(f"http://{served.http_url}{path}", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.read().decode()
+
+    assert json.loads(post("/v2/models/ensemble/generate"))["text_output"] == reference(PROMPTS[2], 10)
+    events = [json.loads(line[len("data: "):]) for line in post("/v2/models/ensemble_stream/generate_stream").splitlines()
+              if line.startswith("data: ")]
+    assert "".join(e["text_output"] for e in events) == reference(PROMPTS[2], 10)
+
+
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_and_answer_the_same(served, reference):
     import tritonclient.http as httpclient
 
@@ -213,6 +235,9 @@ def test_concurrent_requests_are_batched_and_answer_the_same(served, reference):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = dict(zip(expected, pool.map(ask, list(expected))))
     assert answers == expected
+    deadline = time.monotonic() + 10  # statistics are updated just after the responses go out
+    while counts()[0] - before[0] < len(expected) and time.monotonic() < deadline:
+        time.sleep(0.1)
     inferences, executions = (a - b for a, b in zip(counts(), before))
     assert inferences == len(expected)
     assert executions < inferences, "dynamic batching never put two requests in one execution"
@@ -279,11 +304,59 @@ def test_query_cli_prints_the_answer_or_the_server_error(served, reference, caps
 @pytest.mark.slow
 def test_serve_cli_stops_cleanly_on_sigterm(served, repo):
     """Last test of the module using `served`: it stops the shared server."""
-    assert processes_mentioning(str(repo))  # tritonserver and its two python stubs
+    assert len(processes_mentioning(str(repo))) == 4  # aigc serve, tritonserver, two python stubs
+    assert list(Path("/dev/shm").glob(served.shm_prefix + "*"))
     assert served.stop() == 0, "".join(served.output)
     assert processes_mentioning(str(repo)) == {}
     assert not Path(served.backend_dir).exists()
+    assert not list(Path("/dev/shm").glob(served.shm_prefix + "*"))
     assert "stopping" in "".join(served.output)
+
+
+TRIVIAL_CONFIG = """backend: "python"
+max_batch_size: 1
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+"""
+CRASH_ONCE_MODEL = """import os, signal
+from pathlib import Path
+
+class TritonPythonModel:
+    def initialize(self, args):
+        marker = Path(args["model_repository"]) / "crashed-once"
+        if not marker.exists():
+            marker.touch()
+            os.kill(os.getppid(), signal.SIGABRT)  # the stub's parent is tritonserver
+"""
+BROKEN_MODEL = """class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("this model refuses to load")
+"""
+
+
+def trivial_repo(root: Path, name: str, model_py: str) -> Path:
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "config.pbtxt").write_text(TRIVIAL_CONFIG)
+    (root / name / "1" / "model.py").write_text(model_py)
+    return root
+
+
+@pytest.mark.slow
+def test_server_restarts_after_a_crash_and_reports_a_failed_load(tmp_path):
+    from deploy.server import TritonServer, TritonStartError
+
+    repo = trivial_repo(tmp_path / "crash", "crash_once", CRASH_ONCE_MODEL)
+    with TritonServer(repo, ready_timeout_s=120) as server:
+        assert server.is_running()
+    assert (repo / "crash_once" / "crashed-once").exists()  # the first attempt did die
+    assert processes_mentioning(str(repo)) == {}
+
+    repo = trivial_repo(tmp_path / "broken", "broken", BROKEN_MODEL)
+    server = TritonServer(repo, ready_timeout_s=120)
+    with pytest.raises(TritonStartError, match="this model refuses to load") as failure:
+        server.start()
+    assert "exited with code 1" in str(failure.value)
+    assert not server.is_running() and processes_mentioning(str(repo)) == {}
 
 
 @pytest.mark.slow
@@ -292,7 +365,7 @@ def test_export_and_serve_stages_through_the_runner(checkpoint, reference, tmp_p
     from pipeline.presets import resolve_configs
     from pipeline.runner import configs_to_json, execute_stage, make_plan
 
-    configs = resolve_configs("smoke", ["serve.prompt=A class"])
+    configs = resolve_configs("smoke", ["serve.prompt=A class", "export.stream_model=false"])
     configs_json = configs_to_json(configs)
     # stand in for a completed align stage holding our checkpoint
     align_fp = next(p.fingerprint for p in make_plan(tmp_path, configs) if p.name == "align")
@@ -303,7 +376,7 @@ def test_export_and_serve_stages_through_the_runner(checkpoint, reference, tmp_p
     })
 
     export = execute_stage(str(tmp_path), "export", configs_json)
-    assert export["metrics"]["models"] == ["ensemble", "ensemble_stream"]
+    assert export["metrics"]["models"] == ["ensemble"]
     assert export["metrics"]["context"] == 128
     assert export["outputs"]["triton_repo"]["files"] >= 2 + len(list(checkpoint.iterdir()))
     repo = tmp_path / "export" / "triton_repo"
@@ -314,5 +387,8 @@ def test_export_and_serve_stages_through_the_runner(checkpoint, reference, tmp_p
     assert answer["answer"] == reference("A class", 8)  # smoke: serve.max_tokens=8
     assert answer["start_to_ready_s"] > 0 and answer["latency_ms"] > 0
     assert serve["metrics"]["answer"] == answer["answer"]
-    assert "Started HTTPService at 127.0.0.1:" in (tmp_path / "serve" / "triton.log").read_text()
+    log = (tmp_path / "serve" / "triton.log").read_text()
+    assert "Started HTTPService at 127.0.0.1:" in log
     assert processes_mentioning(str(repo)) == {}
+    backend_dir = re.search(r'"backend-directory":"([^"]+)"', log).group(1)
+    assert not Path(backend_dir).exists()

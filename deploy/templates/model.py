@@ -48,6 +48,7 @@ class Job:
 
 class TritonPythonModel:
     def initialize(self, args):
+        """Load the tokenizer and the model named by the config's `checkpoint` parameter."""
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         torch.set_num_threads(int(params.get("torch_threads", "1")))
@@ -61,6 +62,7 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
 
     def execute(self, requests):
+        """Return one response per request (decoupled: send them through each request's sender)."""
         if self.decoupled:
             for request in requests:
                 self._stream_request(request)
@@ -167,6 +169,7 @@ class TritonPythonModel:
         return results
 
     def _decode(self, ids):
+        """Return the text of generated token ids, special tokens dropped."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- streaming (decoupled model) ------------------------------------------------------
