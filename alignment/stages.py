@@ -26,5 +26,6 @@ class AlignConfig:
 
 
 STAGES = {
-    "align": Stage("align", AlignConfig, "alignment.dpo:run", inputs=("curate", "sft"), code=("alignment", "recipes")),
+    "align": Stage("align", AlignConfig, "alignment.dpo:run", inputs=("curate", "sft"), code=("alignment", "recipes"),
+                   key_metrics=("method", "val_rewards_accuracies_after", "val_rewards_margins_after", "steps")),
 }

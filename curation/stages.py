@@ -36,6 +36,8 @@ class TokenizeConfig:
 
 
 STAGES = {
-    "curate": Stage("curate", CurateConfig, "curation.curate:run", path_fields=("inputs",)),
-    "tokenize": Stage("tokenize", TokenizeConfig, "curation.tokenize:run", inputs=("curate",)),
+    "curate": Stage("curate", CurateConfig, "curation.curate:run", path_fields=("inputs",),
+                    key_metrics=("input_lines", "rejects", "docs_out", "chars_out")),
+    "tokenize": Stage("tokenize", TokenizeConfig, "curation.tokenize:run", inputs=("curate",),
+                      key_metrics=("vocab_size", "train_tokens", "valid_tokens", "train_chars_per_token")),
 }

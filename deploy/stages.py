@@ -30,6 +30,8 @@ class ServeConfig:
 
 
 STAGES = {
-    "export": Stage("export", ExportConfig, "deploy.export:run", inputs=("align",)),
-    "serve": Stage("serve", ServeConfig, "deploy.serve_stage:run", inputs=("export",)),
+    "export": Stage("export", ExportConfig, "deploy.export:run", inputs=("align",),
+                    key_metrics=("model_name", "parameters", "checkpoint_mb")),
+    "serve": Stage("serve", ServeConfig, "deploy.serve_stage:run", inputs=("export",),
+                   key_metrics=("answer", "start_to_ready_s", "latency_ms")),
 }

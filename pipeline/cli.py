@@ -104,14 +104,13 @@ def _print_plan(plan: list, executor: str) -> None:
     console.print(table)
 
 
-def _key_metrics(metrics: dict[str, Any], limit: int = 4) -> str:
-    """Return the first few scalar metrics as `k=v` text."""
+def _key_metrics(metrics: dict[str, Any], keys: tuple[str, ...], limit: int = 4) -> str:
+    """Return the stage's key metrics (else its first scalar ones) as `k=v` text."""
+    names = [k for k in keys if k in metrics] or [k for k, v in metrics.items() if isinstance(v, (int, float))]
     parts = []
-    for k, v in metrics.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-        if len(parts) == limit:
-            break
+    for k in names[:limit] if not keys else names:
+        v = metrics[k]
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}")
     return " ".join(parts)
 
 
@@ -137,7 +136,8 @@ def _status_table(run_dir: Path, configs: dict[str, Any] | None, names: list[str
         wall = f"{record['wall_time_s']:.1f}" if record and "wall_time_s" in record else ""
         detail = ""
         if record:
-            detail = record.get("error", "") if state == "failed" else _key_metrics(record.get("metrics", {}))
+            detail = (record.get("error", "") if state == "failed"
+                      else _key_metrics(record.get("metrics", {}), get_stage(name).key_metrics))
         table.add_row(name, f"[{colours.get(state, 'white')}]{state}", wall, detail)
     return table
 
@@ -187,7 +187,7 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
         json.dumps({"config": args.config, "overrides": overrides}, indent=2) + "\n")
     todo = [p.name for p in plan if not p.cached]
     if not todo:
-        console.print(f"[green]Every stage is cached in {run_dir}: nothing to run.")
+        console.print("[green]Every stage is cached: nothing to run.")
     else:
         run_stages(run_dir, configs, todo, executor=args.executor, output_dir=output_dir)
     if output_dir:

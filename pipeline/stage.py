@@ -52,6 +52,7 @@ class Stage:
     inputs: tuple[str, ...] = ()
     code: tuple[str, ...] = ()  # packages/files whose source is in the fingerprint (default: run's package)
     path_fields: tuple[str, ...] = ()  # config fields naming user files; their size+mtime enter the fingerprint
+    key_metrics: tuple[str, ...] = ()  # metrics `aigc status` shows first
 
     def load_run(self) -> Callable[["StageContext"], "StageResult"]:
         """Return the stage's run function (imports its module)."""

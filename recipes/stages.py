@@ -61,9 +61,12 @@ class EvaluateConfig:
 
 
 STAGES = {
-    "pretrain": Stage("pretrain", PretrainConfig, "recipes.pretrain:run", inputs=("tokenize",)),
-    "sft": Stage("sft", SFTConfig, "recipes.sft:run", inputs=("curate", "pretrain")),
+    "pretrain": Stage("pretrain", PretrainConfig, "recipes.pretrain:run", inputs=("tokenize",),
+                      key_metrics=("params", "val_loss", "unigram_val_loss", "val_ppl", "tokens_per_s")),
+    "sft": Stage("sft", SFTConfig, "recipes.sft:run", inputs=("curate", "pretrain"),
+                 key_metrics=("val_loss_before", "val_loss_after", "trainable_fraction", "steps")),
     "evaluate": Stage(
-        "evaluate", EvaluateConfig, "recipes.evaluate:run", inputs=("tokenize", "pretrain", "sft", "align")
+        "evaluate", EvaluateConfig, "recipes.evaluate:run", inputs=("tokenize", "pretrain", "sft", "align"),
+        key_metrics=("pretrain_ppl", "sft_ppl", "align_ppl"),
     ),
 }

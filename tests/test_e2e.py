@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,8 +19,9 @@ pytestmark = pytest.mark.slow
 
 def aigc(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
     """Run the aigc CLI in a subprocess; return the completed process (output captured)."""
+    env = dict(os.environ, COLUMNS="200")  # rich wraps at the terminal width
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def test_smoke_chain_runs_to_a_triton_answer_then_is_fully_cached(tmp_path):
