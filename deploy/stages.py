@@ -23,7 +23,8 @@ class ExportConfig:
 class ServeConfig:
     """Settings of the `serve` stage: start Triton, answer one prompt, stop."""
 
-    prompt: str = "The for statement"
+    # the instruction shape SFT taught the model (see recipes/instructions.py)
+    prompt: str = 'Continue this text:\nThe "while" statement is used for'
     max_tokens: int = 32
     host: str = "127.0.0.1"
     ready_timeout_s: float = 300.0  # start -> all models ready, else fail with the server log

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,20 @@ def test_smoke_chain_runs_to_a_triton_answer_then_is_fully_cached(tmp_path):
     plan = make_plan(run_dir, resolve_configs("smoke", ["evaluate.max_new_tokens=4"]))
     assert {p.name for p in plan if not p.cached} == {"evaluate"}
     assert all(p.cached for p in make_plan(run_dir, resolve_configs("smoke")))
+
+
+def test_curate_command_on_user_files(tmp_path):
+    shipped = Path(__file__).parent.parent / "curation" / "data" / "pydoc_topics.jsonl"
+    lines = shipped.read_text().splitlines()[:30]
+    user = tmp_path / "mine.jsonl"
+    user.write_text("\n".join(lines + ['{"id": "broken", "text": "unterminated']) + "\n")
+    out = tmp_path / "curated"
+    result = aigc("curate", "--input", str(user), "--output", str(out), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["metrics"]["rejects"] == 1
+    docs = [json.loads(l) for f in sorted((out / "corpus").glob("*.jsonl")) for l in f.read_text().splitlines()]
+    input_ids = {json.loads(l)["id"] for l in lines}
+    assert docs and {d["id"] for d in docs} <= input_ids
+    rejects = (out / "rejects" / "rejects.jsonl").read_text()
+    assert '"line": 31' in rejects or '"line":31' in rejects
