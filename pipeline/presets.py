@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import RunConfig, apply_overrides
-from pipeline.stage import STAGE_ORDER, get_stage
+from pipeline import stage as registry
+from pipeline.stage import get_stage
 
 PRESETS: dict[str, list[str]] = {
     "tiny": [],
@@ -35,7 +36,7 @@ def resolve_configs(preset: str, overrides: list[str] | None = None) -> dict[str
     if preset not in PRESETS:
         raise KeyError(f"unknown config {preset!r}; choose from: {', '.join(PRESETS)}")
     configs: dict[str, Any] = {"run": RunConfig()}
-    for name in STAGE_ORDER:
+    for name in registry.STAGE_MODULES:
         configs[name] = get_stage(name).config_cls()
     apply_overrides(configs, PRESETS[preset] + list(overrides or []))
     return configs

@@ -64,15 +64,15 @@ def stage_dir(run_dir: Path, name: str) -> Path:
 
 
 def make_plan(run_dir: Path, configs: dict[str, Any], names: list[str] | None = None) -> list[PlanItem]:
-    """Return the plan for `names` (default: the whole chain) in chain order.
+    """Return the plan for `names` (default: the LLM chain), upstream first.
 
     Fingerprints of upstream stages are computed even when they are not in
     `names`, since a stage's fingerprint includes its inputs'.
     """
-    wanted = set(names or registry.STAGE_ORDER)
+    wanted = list(names or registry.STAGE_ORDER)
     fps: dict[str, str] = {}
     plan = []
-    for name in registry.STAGE_ORDER:
+    for name in registry.upstream_closure(wanted):
         stage = get_stage(name)
         input_fps = {up: fps[up] for up in stage.inputs}
         fps[name] = stage_fingerprint(name, configs, input_fps)
@@ -96,7 +96,7 @@ def configs_from_json(text: str) -> dict[str, Any]:
     """Return section -> dataclass from `configs_to_json` output."""
     data = json.loads(text)
     configs: dict[str, Any] = {"run": from_dict(RunConfig, data.get("run", {}))}
-    for name in registry.STAGE_ORDER:
+    for name in registry.STAGE_MODULES:
         if name in data:
             configs[name] = from_dict(get_stage(name).config_cls, data[name])
     return configs

@@ -17,8 +17,10 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable
 
-# Stage order of the LLM chain, and the light module that defines each stage's
-# `STAGE` object (config class + path of the run function). Heavy imports
+# Stage order of the LLM chain (what `aigc run` runs), and the light module that
+# defines each registered stage's `STAGES[name]` (config class + path of the run
+# function). STAGE_MODULES lists every stage, upstream before downstream; other
+# chains (e.g. multimodal recipes) register their stages there too. Heavy imports
 # (torch, megatron, ray, tritonclient) belong in the run function's module.
 STAGE_ORDER: tuple[str, ...] = (
     "curate",
@@ -97,11 +99,15 @@ class StageContext:
 def get_stage(name: str) -> Stage:
     """Return the registered `Stage` called `name`."""
     if name not in STAGE_MODULES:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_ORDER)}")
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_MODULES)}")
     module = importlib.import_module(STAGE_MODULES[name])
     return getattr(module, "STAGES")[name]
 
 
-def all_stages() -> list[Stage]:
-    """Return every registered stage in chain order."""
-    return [get_stage(n) for n in STAGE_ORDER]
+def upstream_closure(names: list[str]) -> list[str]:
+    """Return `names` and every stage they depend on, upstream first (registry order)."""
+    needed = set(names)
+    for name in reversed(list(STAGE_MODULES)):
+        if name in needed:
+            needed.update(get_stage(name).inputs)
+    return [n for n in STAGE_MODULES if n in needed]
