@@ -1,7 +1,9 @@
 """The `aigc` command line: run the chain, run one stage, show status, serve and query.
 
-    aigc run [--config tiny] [--run-dir runs/tiny] [--executor local] [--dry-run] [key=value ...]
-    aigc status [--run-dir runs/tiny]
+    aigc run [--config tiny] [--run-dir runs/tiny] [--executor local|slurm] [--dry-run] [key=value ...]
+    aigc run --executor slurm [--cluster NAME] [--cluster-profile PATH] [--detach] [...]
+    aigc status [--run-dir runs/tiny]        (Slurm job ids and states too)
+    aigc logs STAGE [--run-dir runs/tiny]    / aigc cancel [STAGE ...] [--run-dir runs/tiny]
     aigc <stage> [--config tiny] [--run-dir DIR] [key=value ...]     (also runs missing upstream stages)
     aigc curate --input PATH [PATH ...] --output DIR [key=value ...]
     aigc serve [...] / aigc query "prompt" [...]                     (see `aigc serve --help`)
@@ -19,11 +21,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import jobs
+from pipeline.clusters import DEFAULT_PROFILE_PATH, load_profile
 from pipeline.config import ConfigError
-from pipeline.execution import EXECUTORS, run_stages
+from pipeline.execution import EXECUTORS, run_stages, sbatch_scripts
 from pipeline.presets import PRESETS, resolve_configs
 from pipeline.runner import make_plan, stage_dir, stage_state
-from pipeline.stage import STAGE_ORDER, get_stage
+from pipeline.stage import STAGE_ORDER, get_stage, upstream_closure
 
 # Commands owned by other packages, imported only when used (as the stage registry does).
 EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
@@ -46,9 +50,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="named pipeline config (default: tiny, the 2-core CPU embedded default)")
     p.add_argument("--run-dir", default=None, help="where stage outputs go (default: runs/<config>)")
     p.add_argument("--executor", default="local", choices=EXECUTORS,
-                   help="NeMo-Run executor that runs each stage (default: local)")
+                   help="NeMo-Run executor that runs each stage (default: local); slurm submits each stage "
+                   "as a Slurm job on the cluster of --cluster")
+    p.add_argument("--cluster", default=None, metavar="NAME",
+                   help="cluster profile to submit to (slurm; default: the only one in the profile file)")
+    p.add_argument("--cluster-profile", default=None, metavar="PATH",
+                   help=f"cluster profile file (slurm; default: {DEFAULT_PROFILE_PATH})")
+    p.add_argument("--detach", action="store_true",
+                   help="slurm: return once the jobs are submitted; follow them with `aigc status`")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (stages, fingerprints, cached or not) and run nothing")
+                   help="print the plan (stages, fingerprints, cached or not) and run nothing; "
+                   "with --executor slurm also the sbatch scripts it would submit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
 
@@ -69,7 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "matches a completed manifest are skipped.")
     _add_run_options(p)
 
-    p = sub.add_parser("status", help="show each stage: state, wall time, key metrics")
+    p = sub.add_parser("status", help="show each stage: state, wall time, key metrics, its job")
+    p.add_argument("--run-dir", default="runs/tiny", help="run directory (default: runs/tiny)")
+
+    p = sub.add_parser("logs", help="print the log of a stage's last job (local or Slurm)")
+    p.add_argument("stage", help="stage name")
+    p.add_argument("--run-dir", default="runs/tiny", help="run directory (default: runs/tiny)")
+
+    p = sub.add_parser("cancel", help="cancel the queued or running Slurm jobs of a run")
+    p.add_argument("stages", nargs="*", metavar="STAGE", help="stages to cancel (default: all)")
     p.add_argument("--run-dir", default="runs/tiny", help="run directory (default: runs/tiny)")
 
     for name in STAGE_ORDER:
@@ -115,13 +135,18 @@ def _key_metrics(metrics: dict[str, Any], keys: tuple[str, ...], limit: int = 4)
 
 
 def _status_table(run_dir: Path, configs: dict[str, Any] | None, names: list[str] | None = None) -> Table:
-    """Return a table of each stage's state, wall time and key metrics."""
+    """Return a table of each stage's state, wall time, key metrics and (for Slurm runs) its job."""
     names = names or list(STAGE_ORDER)
     fps = {p.name: p.fingerprint for p in make_plan(run_dir, configs, names)} if configs else {}
+    records = {s: r for s, r in jobs.read_records(run_dir).items() if r.executor == "slurm"}
+    if fps and records:
+        jobs.mark_killed_jobs_failed(run_dir, fps)
+    job_states = jobs.slurm_states(records)
     table = Table(title=f"aigc status: {run_dir}")
-    for col in ("stage", "state", "wall s", "key metrics"):
+    for col in ("stage", "state", "wall s", "key metrics") + (("job",) if records else ()):
         table.add_column(col)
-    colours = {"completed": "green", "failed": "red", "stale": "yellow", "not run": "dim"}
+    colours = {"completed": "green", "failed": "red", "stale": "yellow", "not run": "dim",
+               "pending": "cyan", "running": "cyan"}
     for name in names:
         final = stage_dir(run_dir, name)
         if name in fps:
@@ -138,7 +163,13 @@ def _status_table(run_dir: Path, configs: dict[str, Any] | None, names: list[str
         if record:
             detail = (record.get("error", "") if state == "failed"
                       else _key_metrics(record.get("metrics", {}), get_stage(name).key_metrics))
-        table.add_row(name, f"[{colours.get(state, 'white')}]{state}", wall, detail)
+        job = ()
+        if records:
+            record, job_state = records.get(name), job_states.get(name)
+            if job_state and job_state.active and state not in ("completed", "failed"):
+                state = job_state.state.split()[0].lower()
+            job = (jobs.job_summary(record, job_state) if record else "",)
+        table.add_row(name, f"[{colours.get(state, 'white')}]{state}", wall, detail, *job)
     return table
 
 
@@ -154,15 +185,6 @@ def _load_run_configs(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _upstream_closure(name: str) -> list[str]:
-    """Return `name` and every stage it depends on, in chain order."""
-    needed = {name}
-    for stage_name in reversed(STAGE_ORDER):
-        if stage_name in needed:
-            needed.update(get_stage(stage_name).inputs)
-    return [n for n in STAGE_ORDER if n in needed]
-
-
 def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
     """Run the chain (or `target` and its upstream); return the process exit code."""
     overrides = list(args.overrides)
@@ -173,14 +195,23 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
         output_dir = str(Path(args.output).resolve())
     configs = resolve_configs(args.config, overrides)
     run_dir = _run_dir(args)
-    names = _upstream_closure(target) if target else list(STAGE_ORDER)
+    names = upstream_closure([target]) if target else list(STAGE_ORDER)
     if output_dir:
         names = ["curate"]
     plan = make_plan(run_dir, configs, names)
     if output_dir:
         plan[0].cached = stage_state(Path(output_dir), plan[0].fingerprint)[0] == "completed"
     _print_plan(plan, args.executor)
+    profile = load_profile(args.cluster_profile, args.cluster) if args.executor == "slurm" else None
     if args.dry_run:
+        if profile:
+            todo = [p.name for p in plan if not p.cached]
+            for name, script in sbatch_scripts(run_dir, configs, todo, profile).items():
+                console.rule(f"sbatch script of {name} (cluster {profile.name})")
+                sys.stdout.write(script + "\n")
+            if len(todo) > 1:
+                console.print("At submission each job after the first also gets "
+                              "--dependency=afterok:<job id of the stage before it>.")
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_CONFIG_FILE).write_text(
@@ -189,7 +220,12 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
     if not todo:
         console.print("[green]Every stage is cached: nothing to run.")
     else:
-        run_stages(run_dir, configs, todo, executor=args.executor, output_dir=output_dir)
+        states = run_stages(run_dir, configs, todo, executor=args.executor, output_dir=output_dir,
+                            profile=profile, detach=args.detach)
+        if "submitted" in states.values():
+            console.print(f"Submitted {', '.join(todo)} to cluster {profile.name}: follow with "
+                          f"`aigc status --run-dir {run_dir}` and `aigc logs STAGE --run-dir {run_dir}`.")
+            return 0
     if output_dir:
         state = stage_state(Path(output_dir), plan[0].fingerprint)[0]
         console.print(f"curate -> {output_dir}: {state}")
@@ -198,10 +234,21 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
     states = {n: stage_state(stage_dir(run_dir, n), p.fingerprint)[0] for n, p in zip(names, plan)}
     failed = [n for n, s in states.items() if s != "completed"]
     if failed:
-        console.print(f"[red]Stage {failed[0]} did not complete; logs: {run_dir}/.nemo_run/ "
-                      f"and {run_dir}/{failed[0]}.tmp/failure.json")
+        console.print(f"[red]Stage {failed[0]} did not complete; its log: `aigc logs {failed[0]} --run-dir "
+                      f"{run_dir}`; its failure record: {run_dir}/{failed[0]}.tmp/failure.json")
         return 1
     _print_answer(run_dir)
+    return 0
+
+
+def cmd_logs(run_dir: Path, stage: str) -> int:
+    """Print the log of `stage`'s last job; return the exit code."""
+    record = jobs.read_records(run_dir).get(stage)
+    if record is None:
+        console.print(f"[red]no job of stage {stage!r} recorded in {run_dir}/{jobs.JOBS_DIR}/")
+        return 1
+    console.rule(f"{stage}: {jobs.job_summary(record, jobs.slurm_states({stage: record}).get(stage))}")
+    sys.stdout.write(jobs.stage_logs(record))
     return 0
 
 
@@ -230,9 +277,18 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(args.run_dir)
             console.print(_status_table(run_dir, _load_run_configs(run_dir)))
             return 0
+        if args.command == "logs":
+            return cmd_logs(Path(args.run_dir), args.stage)
+        if args.command == "cancel":
+            cancelled = jobs.cancel_jobs(Path(args.run_dir), args.stages)
+            for stage, job_id in cancelled.items():
+                console.print(f"cancelled {stage}: Slurm job {job_id}")
+            if not cancelled:
+                console.print("no queued or running Slurm job to cancel")
+            return 0
         if args.command in STAGE_ORDER:
             return cmd_run(args, target=args.command)
-    except (ConfigError, KeyError) as exc:
+    except (ConfigError, KeyError, jobs.ClusterError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     parser.print_help()

@@ -1,57 +1,166 @@
 """Runs planned stages as NeMo-Run tasks: one `run.Partial` per stage in one `run.Experiment`.
 
 The executor is chosen here, at launch, from its name; recipes never name one.
-Experiment metadata and per-stage logs land in `<run_dir>/.nemo_run/`.
+`local` runs the stages one after another on this machine. `slurm` submits
+every stage at once, each as its own job with the resources its cluster
+profile gives it (pipeline.clusters), chained by NeMo-Run with `afterok` job
+dependencies; a failed job cancels the jobs downstream of it.
+
+Experiment metadata and per-stage logs land in `<run_dir>/.nemo_run/`; the job
+of each stage is recorded in `<run_dir>/.jobs/<stage>.json` (pipeline.jobs).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import jobs
+from pipeline.clusters import ClusterProfile
+from pipeline.config import ConfigError
 from pipeline.runner import configs_to_json, make_plan, stage_dir, stage_state
 
-EXECUTORS = ("local",)
+EXECUTORS = ("local", "slurm")
 
 
-def make_executor(name: str) -> Any:
-    """Return the NeMo-Run executor called `name`."""
+def make_executor(name: str, stage: str = "", profile: ClusterProfile | None = None,
+                  env: dict[str, str] | None = None) -> Any:
+    """Return the NeMo-Run executor called `name` for `stage` (slurm: from the cluster `profile`)."""
     import nemo_run as run
 
     if name == "local":
-        return run.LocalExecutor()
+        return run.LocalExecutor(env_vars=dict(env or {}))
+    if name == "slurm":
+        if profile is None:
+            raise ConfigError("the slurm executor needs a cluster profile (--cluster / --cluster-profile)")
+        from pipeline.slurm_executor import slurm_executor
+
+        return slurm_executor(profile, stage, env)
     raise ValueError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
 
 
-def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executor: str = "local",
-               output_dir: str = "", task: Callable | None = None) -> dict[str, str]:
-    """Run `names` in order as NeMo-Run tasks; return stage -> 'completed' | 'failed' | 'not run'.
-
-    Stages run one after another; a stage whose upstream failed stops at once
-    with a message naming the upstream stage. `task` is the task body
-    (default `pipeline.runner.stage_task`).
-    """
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _use_nemo_run_home(run_dir: Path) -> None:
+    """Point NeMo-Run's home (experiment metadata, logs) at `<run_dir>/.nemo_run`."""
     os.environ["NEMORUN_HOME"] = str(run_dir / ".nemo_run")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    import nemo_run as run
     from nemo_run.config import set_nemorun_home
+
+    set_nemorun_home(os.environ["NEMORUN_HOME"])
+
+
+def _check_launchers(configs: dict[str, Any], names: list[str], profile: ClusterProfile) -> None:
+    """Raise ConfigError where a stage runs under the ray launcher but would start its own local Ray."""
+    for name in names:
+        if profile.resources(name).launcher == "ray" and getattr(configs.get(name), "ray_address", None) == "":
+            raise ConfigError(f"stage {name!r} runs under the ray launcher of cluster {profile.name!r}, which "
+                              f"starts a Ray cluster across its nodes: set {name}.ray_address=auto to use it")
+
+
+def _build_experiment(exp: Any, run_dir: Path, configs: dict[str, Any], names: list[str], executor: str,
+                      profile: ClusterProfile | None, output_dir: str, task: Callable,
+                      env: dict[str, str] | None) -> None:
+    """Add one task per stage to the experiment `exp`."""
+    import nemo_run as run
+
+    blob = configs_to_json(configs)
+    for name in names:
+        partial = run.Partial(task, run_dir=str(run_dir), name=name, configs_json=blob, output_dir=output_dir)
+        exp.add(partial, executor=make_executor(executor, name, profile, env), name=name, tail_logs=True)
+
+
+def _record_jobs(exp: Any, run_dir: Path, plan: dict[str, Any], executor: str,
+                 profile: ClusterProfile | None, final_dirs: dict[str, Path]) -> None:
+    """Write the job record of every launched task of `exp`."""
+    import dataclasses
+
+    for job in exp.jobs:
+        if not job.handle:
+            continue
+        ex = job.executor
+        record = jobs.JobRecord(
+            stage=job.id, executor=executor, job_id=job.handle.rsplit("/", 1)[-1],
+            fingerprint=plan[job.id].fingerprint, out_dir=str(final_dirs[job.id]),
+            log_dir=ex.job_dir, experiment=ex.experiment_id,
+        )
+        if executor == "slurm":
+            record.log_dir = os.path.join(ex.tunnel.job_dir, Path(ex.job_dir).name)
+            record.job_name = ex.job_details.job_name
+            record.cluster = profile.name
+            record.tunnel = dataclasses.asdict(profile.tunnel)
+            record.sbatch_script = os.path.join(ex.experiment_dir, f"{ex.job_name}_sbatch.sh")
+        jobs.write_record(run_dir, record)
+
+
+def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executor: str = "local",
+               output_dir: str = "", task: Callable | None = None, profile: ClusterProfile | None = None,
+               detach: bool = False, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Run `names` in order as NeMo-Run tasks; return stage -> 'completed' | 'failed' | 'not run' | 'submitted'.
+
+    local: stages run one after another; a stage whose upstream failed stops at
+    once with a message naming the upstream stage. slurm: all stages are
+    submitted at once with afterok dependencies; unless `detach`, this waits for
+    them (and marks a stage whose job Slurm killed as failed); with `detach` it
+    returns after submission ('submitted'). `task` is the task body (default
+    `pipeline.runner.stage_task`); `env` adds environment variables to the tasks.
+    """
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _use_nemo_run_home(run_dir)
+    import nemo_run as run
+    from invoke.exceptions import UnexpectedExit
 
     from pipeline.runner import stage_task
 
-    task = task or stage_task
-    set_nemorun_home(os.environ["NEMORUN_HOME"])
-    blob = configs_to_json(configs)
-    with run.Experiment("aigc", executor=make_executor(executor), log_level="WARN",
-                        enable_goodbye_message=False) as exp:
-        for name in names:
-            partial = run.Partial(task, run_dir=str(run_dir), name=name, configs_json=blob,
-                               output_dir=output_dir)
-            exp.add(partial, name=name, tail_logs=True)
-        exp.run(sequential=True, tail_logs=True)
-    final_dirs = {n: Path(output_dir).resolve() if output_dir else stage_dir(run_dir, n) for n in names}
     plan = {p.name: p for p in make_plan(run_dir, configs, names)}
+    fingerprints = {n: plan[n].fingerprint for n in names}
+    if executor == "slurm" and profile is not None:
+        _check_launchers(configs, names, profile)
+        busy = jobs.active_jobs(run_dir, fingerprints)
+        if busy:
+            listed = ", ".join(f"{s} (job {st.job_id} {st.state})" for s, st in busy.items())
+            raise ConfigError(f"already submitted and not finished: {listed}; wait, or `aigc cancel`")
+    final_dirs = {n: Path(output_dir).resolve() if output_dir else stage_dir(run_dir, n) for n in names}
+    with run.Experiment("aigc", log_level="WARN", enable_goodbye_message=False) as exp:
+        _build_experiment(exp, run_dir, configs, names, executor, profile, output_dir, task or stage_task, env)
+        try:
+            exp.run(sequential=True, detach=detach and executor == "slurm", tail_logs=True)
+        except UnexpectedExit as exc:  # sbatch refused a job: say why, without the traceback
+            raise jobs.ClusterError(f"{exc.result.command!r} failed: {exc.result.stderr.strip()}") from None
+        finally:
+            _record_jobs(exp, run_dir, plan, executor, profile, final_dirs)  # the jobs that were submitted
+    if executor == "slurm":
+        if detach:
+            return {n: "submitted" for n in names}
+        jobs.mark_killed_jobs_failed(run_dir, fingerprints)
     return {n: stage_state(final_dirs[n], plan[n].fingerprint)[0] for n in names}
+
+
+def sbatch_scripts(run_dir: Path, configs: dict[str, Any], names: list[str], profile: ClusterProfile,
+                   task: Callable | None = None, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Return stage -> the sbatch script NeMo-Run would submit for it (+ its launcher script); submit nothing.
+
+    The scripts come from NeMo-Run's own dry run (its experiment directory is
+    removed afterwards). At submission each job also gets
+    `--dependency=afterok:<job id of the stage before it>`.
+    """
+    run_dir = Path(run_dir).resolve()
+    _use_nemo_run_home(run_dir)
+    import nemo_run as run
+
+    from pipeline.runner import stage_task
+
+    scripts = {}
+    with run.Experiment("aigc", log_level="WARN", enable_goodbye_message=False) as exp:
+        _build_experiment(exp, run_dir, configs, names, "slurm", profile, "", task or stage_task, env)
+        exp.dryrun(log=False, delete_exp_dir=False)
+        for job in exp.jobs:
+            ex = job.executor
+            text = Path(ex.experiment_dir, f"{ex.job_name}_sbatch.sh").read_text()
+            for launcher_script in sorted(Path(ex.job_dir, "scripts").glob("*.sh")):  # e.g. the ray launcher's
+                text += f"\n# ---- {launcher_script} (run by srun above) ----\n{launcher_script.read_text()}"
+            scripts[job.id] = text
+        shutil.rmtree(exp.jobs[0].executor.experiment_dir, ignore_errors=True)
+    return scripts

@@ -1,0 +1,255 @@
+"""Stages on Slurm through NeMo-Run's SlurmExecutor, against a real one-node cluster on loopback.
+
+Tests marked `slurm` need the cluster of tests/slurm_cluster.sh (install, then
+start) and are skipped with the reason when it is absent or down; each submits
+toy stages (tests/contract_stages.py) as real jobs, 20-80 s on a busy 2-core
+machine, hence also `slow`. The others check cluster profiles and the
+generated sbatch scripts as text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+import contract_stages
+from pipeline import cli, jobs
+from pipeline import stage as registry
+from pipeline.clusters import load_profile, parse_profile
+from pipeline.config import ConfigError
+from pipeline.execution import run_stages, sbatch_scripts
+from pipeline.presets import resolve_configs
+from pipeline.runner import execute_stage, configs_to_json, make_plan
+
+TESTS_DIR = Path(__file__).resolve().parent
+CLUSTER_SCRIPT = TESTS_DIR / "slurm_cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """Skip unless the loopback cluster answers: Slurm client present, daemons up, accounting reachable."""
+    if shutil.which("sinfo") is None:
+        pytest.skip("Slurm is not installed (sinfo not found): run `bash tests/slurm_cluster.sh install`")
+    try:
+        status = subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.skip("`tests/slurm_cluster.sh status` did not answer in 60 s")
+    if status.returncode != 0:
+        pytest.skip(f"the loopback Slurm cluster is down: run `bash tests/slurm_cluster.sh start`\n{status.stdout[-800:]}")
+
+
+@pytest.fixture(autouse=True)
+def stdin_from_devnull(monkeypatch):
+    """NeMo-Run runs sbatch, sacct and mkdir through `invoke`, which reads stdin: pytest's refuses reads."""
+    with open(os.devnull) as devnull:
+        monkeypatch.setattr("sys.stdin", devnull)
+        yield
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """Install the toy a -> b -> c registry here; the Slurm children install it through toy_stage_task."""
+    monkeypatch.setattr(registry, "STAGE_ORDER", registry.STAGE_ORDER)
+    monkeypatch.setattr(registry, "STAGE_MODULES", registry.STAGE_MODULES)
+    contract_stages.install()
+    return contract_stages
+
+
+def loopback_profile(**stages):
+    """Return the profile of the loopback cluster; the children find the toy stages on PYTHONPATH."""
+    return parse_profile("loopback", {
+        "account": "aigc", "partition": "debug", "time": "00:10:00",
+        "env_vars": {"PYTHONPATH": str(TESTS_DIR)},
+        "stages": stages,
+    })
+
+
+def comparable(manifest: dict) -> dict:
+    """Return the parts of a manifest that do not depend on when or where it ran."""
+    return {k: manifest[k] for k in ("stage", "status", "fingerprint", "config", "run_config", "inputs",
+                                     "outputs", "metrics")}
+
+
+def read_manifest(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "manifest.json").read_text())
+
+
+# ---- profiles and sbatch scripts (no cluster needed) ----
+
+def test_profile_file_defaults_stage_overrides_and_errors(tmp_path):
+    path = tmp_path / "clusters.yaml"
+    path.write_text(
+        "eos:\n"
+        "  account: llm\n"
+        "  partition: batch\n"
+        "  time: '04:00:00'\n"
+        "  tunnel: {kind: ssh, host: login.eos, user: me, job_dir: /lustre/me/jobs}\n"
+        "  stages:\n"
+        "    pretrain: {nodes: 2, gpus_per_node: 8, time: '24:00:00'}\n"
+        "    curate: {nodes: 4, launcher: ray}\n"
+    )
+    profile = load_profile(path)  # the only cluster in the file
+    assert profile.name == "eos" and profile.tunnel.kind == "ssh"
+    pre = profile.resources("pretrain")
+    assert (pre.nodes, pre.gpus_per_node, pre.time, pre.partition, pre.launcher) == (2, 8, "24:00:00", "batch", "torchrun")
+    assert profile.resources("curate").launcher == "ray"
+    assert profile.resources("tokenize").launcher == "none" and profile.resources("tokenize").time == "04:00:00"
+
+    with pytest.raises(ConfigError, match="gpus_per_node"):  # the error lists the valid keys
+        parse_profile("x", {"account": "a", "gpus": 8})
+    with pytest.raises(ConfigError, match="unknown stage 'pretrian'"):
+        parse_profile("x", {"account": "a", "stages": {"pretrian": {"nodes": 2}}})
+    with pytest.raises(ConfigError, match="needs host, user and job_dir"):
+        parse_profile("x", {"account": "a", "tunnel": {"kind": "ssh", "host": "h"}})
+    with pytest.raises(ConfigError, match="no cluster 'dgx'"):
+        load_profile(path, "dgx")
+    with pytest.raises(ConfigError, match="example"):
+        load_profile(tmp_path / "missing.yaml")
+
+
+def test_sbatch_script_of_a_multinode_gpu_training_stage(tmp_path):
+    profile = parse_profile("dgx", {
+        "account": "llm_team", "partition": "batch", "time": "04:00:00",
+        "container_image": "nvcr.io/nvidia/nemo:25.07", "container_mounts": ["/lustre:/lustre"],
+        "env_vars": {"HF_HOME": "/lustre/hf cache"},
+        "stages": {"pretrain": {"nodes": 2, "gpus_per_node": 8, "time": "24:00:00"}},
+    })
+    configs = resolve_configs("tiny", [])
+    script = sbatch_scripts(tmp_path / "run", configs, ["pretrain"], profile)["pretrain"]
+    lines = script.splitlines()
+    for flag in ("--account=llm_team", "--partition=batch", "--nodes=2", "--gpus-per-node=8",
+                 "--ntasks-per-node=1", "--time=24:00:00", "--job-name=aigc.pretrain", "--kill-on-invalid-dep=yes"):
+        assert f"#SBATCH {flag}" in lines, flag
+    assert "export HF_HOME='/lustre/hf cache'" in lines  # exported literally, quoted
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert "--container-image nvcr.io/nvidia/nemo:25.07" in srun and "/lustre:/lustre" in srun
+    torchrun = srun[srun.index("torchrun"):].split()
+    arg = {torchrun[i]: torchrun[i + 1] for i in range(1, len(torchrun) - 1) if torchrun[i].startswith("--")}
+    assert arg["--nnodes"] == "2" and arg["--nproc-per-node"] == "8"
+    assert arg["--rdzv-backend"] == "c10d" and arg["--rdzv-endpoint"].startswith("$head_node_ip:")
+    assert arg["--node-rank"] == "$SLURM_NODEID"
+    assert torchrun[-4:-1] == ["nemo_run.core.runners.fdl_runner", "-n", "pretrain"]
+    assert not list((tmp_path / "run" / ".nemo_run" / "experiments" / "aigc").glob("aigc_*"))  # nothing left
+
+
+def test_ray_launcher_needs_the_stage_to_join_its_cluster(tmp_path):
+    # The real curate stage would start its own local Ray unless told to join the allocation's.
+    profile = parse_profile("c", {"account": "a", "stages": {"curate": {"nodes": 2, "launcher": "ray"}}})
+    with pytest.raises(ConfigError, match="curate.ray_address=auto"):
+        run_stages(tmp_path, resolve_configs("tiny", []), ["curate"], executor="slurm", profile=profile)
+
+
+def test_ray_launcher_script(tmp_path, toy):
+    profile = loopback_profile(a={"nodes": 3, "launcher": "ray"})
+    script = sbatch_scripts(tmp_path, toy.configs(), ["a"], profile, task=toy.toy_stage_task)["a"]
+    assert "#SBATCH --nodes=3" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert "ray start --head --block" in script and 'ray start --block --address="$RAY_ADDRESS"' in script
+    assert "python -m nemo_run.core.runners.fdl_runner -n a" in script
+
+
+# ---- against the loopback cluster ----
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_stage_on_slurm_matches_a_local_run(slurm_cluster, toy, tmp_path):
+    cfg = toy.configs()
+    local = tmp_path / "local"
+    for name in ("a", "b"):
+        execute_stage(str(local), name, configs_to_json(cfg))
+
+    remote = tmp_path / "slurm"
+    states = run_stages(remote, cfg, ["a", "b"], executor="slurm", task=toy.toy_stage_task,
+                        profile=loopback_profile(b={"launcher": "torchrun"}))
+    assert states == {"a": "completed", "b": "completed"}
+    for name in ("a", "b"):
+        assert comparable(read_manifest(remote, name)) == comparable(read_manifest(local, name))
+
+    records = jobs.read_records(remote)
+    slurm = jobs.slurm_states(records)
+    assert {s: st.state for s, st in slurm.items()} == {"a": "COMPLETED", "b": "COMPLETED"}
+    assert int(records["b"].job_id) > int(records["a"].job_id)
+    log = jobs.stage_logs(records["b"])
+    assert "[aigc] b: completed" in log and "torch/distributed/run.py" in log  # b ran under torchrun
+    assert "--dependency" not in Path(records["b"].sbatch_script).read_text()  # given on sbatch's command line
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_failing_stage_on_slurm_is_failed_with_its_log(slurm_cluster, toy, tmp_path, capsys):
+    states = run_stages(tmp_path, toy.configs(a__fail=True), ["a", "b"], executor="slurm",
+                        task=toy.toy_stage_task, profile=loopback_profile())
+    assert states == {"a": "failed", "b": "not run"}
+    failure = json.loads((tmp_path / "a.tmp" / "failure.json").read_text())
+    assert "planted failure" in failure["error"]
+    records = jobs.read_records(tmp_path)
+    slurm = jobs.slurm_states(records)
+    assert slurm["a"].state == "FAILED" and slurm["a"].exit_code == "1:0"
+    assert slurm["b"].state.startswith("CANCELLED") and not slurm["b"].started  # afterok never satisfied
+    assert jobs.job_summary(records["b"], slurm["b"]).endswith("(never started)")
+    log = jobs.stage_logs(records["a"])
+    assert "RuntimeError: planted failure in stage a" in log and "job exited with code 1" in log
+
+    # What `aigc status` and `aigc logs a` print.
+    console = Console(width=200, record=True)
+    console.print(cli._status_table(tmp_path, toy.configs(a__fail=True), ["a", "b"]))
+    table = console.export_text()
+    assert f"slurm {records['a'].job_id} FAILED exit 1:0" in table and "planted failure" in table
+    assert cli.cmd_logs(tmp_path, "a") == 0
+    assert "RuntimeError: planted failure in stage a" in capsys.readouterr().out
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_killed_job_is_failed_and_a_rerun_resubmits_only_the_unfinished_stages(slurm_cluster, toy, tmp_path):
+    cfg, names = toy.configs(), ["a", "b", "c"]
+    profile = loopback_profile()
+    states = run_stages(tmp_path, cfg, names, executor="slurm", task=toy.toy_stage_task, profile=profile,
+                        detach=True, env={"TOY_SLEEP_S": "4"})
+    assert states == {n: "submitted" for n in names}
+    first = jobs.read_records(tmp_path)
+    ckpt = tmp_path / "b.tmp" / "ckpt.json"
+    deadline = time.time() + 180
+    while not (ckpt.exists() and json.loads(ckpt.read_text())["step"] >= 1):  # b is running, mid-way
+        assert time.time() < deadline, "stage b did not start on the cluster in 180 s"
+        time.sleep(1)
+    fps = {p.name: p.fingerprint for p in make_plan(tmp_path, cfg, names)}
+    with pytest.raises(ConfigError, match="already submitted"):
+        run_stages(tmp_path, cfg, ["b", "c"], executor="slurm", task=toy.toy_stage_task, profile=profile)
+
+    assert jobs.cancel_jobs(tmp_path, ["b"]) == {"b": first["b"].job_id}
+    deadline = time.time() + 60
+    while jobs.active_jobs(tmp_path, fps):
+        assert time.time() < deadline, "the cancelled jobs did not end in 60 s"
+        time.sleep(1)
+    assert jobs.mark_killed_jobs_failed(tmp_path, fps) == ["b"]
+    failure = json.loads((tmp_path / "b.tmp" / "failure.json").read_text())
+    assert f"Slurm job {first['b'].job_id} ended CANCELLED" in failure["error"]
+
+    plan = make_plan(tmp_path, cfg, names)
+    todo = [p.name for p in plan if not p.cached]
+    assert todo == ["b", "c"]
+    assert run_stages(tmp_path, cfg, todo, executor="slurm", task=toy.toy_stage_task, profile=profile) == \
+        {"b": "completed", "c": "completed"}
+    again = jobs.read_records(tmp_path)
+    assert again["a"].job_id == first["a"].job_id  # a was not resubmitted
+    assert again["b"].job_id != first["b"].job_id and again["c"].job_id != first["c"].job_id
+    starts = [int(x) for x in (tmp_path / "b_calls.txt").read_text().split()]
+    assert starts and starts[-1] >= 1  # b resumed from the checkpoint of its killed job
+    assert (tmp_path / "c" / "out" / "c.txt").read_text() == "hello!"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_ray_launcher_starts_a_ray_cluster_for_the_stage(slurm_cluster, toy, tmp_path):
+    states = run_stages(tmp_path, toy.configs(), ["a"], executor="slurm", task=toy.toy_stage_task,
+                        profile=loopback_profile(a={"launcher": "ray"}))
+    assert states == {"a": "completed"}
+    log = jobs.stage_logs(jobs.read_records(tmp_path)["a"])
+    assert "[aigc] Ray cluster up: 1 node(s)" in log and "[aigc] a: completed" in log
