@@ -24,6 +24,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default: %(default)s)")
+    parser.add_argument("--openai-port", type=int,
+                        help="also serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) on this "
+                             "port, forwarding to Triton (default: off)")
     parser.add_argument("--log-file", help="where the server log goes (default: a temporary file, removed on stop)")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models to load (default: %(default)s)")
     return parser
@@ -32,6 +35,7 @@ def serve_parser() -> argparse.ArgumentParser:
 def serve_main(argv: list[str]) -> int:
     """Run `aigc serve`; return the exit code (0 after a clean stop)."""
     args = serve_parser().parse_args(argv)
+    from deploy.repository import STREAM_SUFFIX
     from deploy.server import TritonServer, TritonStartError
 
     repo = Path(args.repo) if args.repo else Path(args.run_dir) / "export" / "triton_repo"
@@ -50,6 +54,7 @@ def serve_main(argv: list[str]) -> int:
     )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    front = None
     try:
         print(f"aigc serve: loading {', '.join(server.models)} from {server.repo} ...", flush=True)
         try:
@@ -59,12 +64,20 @@ def serve_main(argv: list[str]) -> int:
             return 1
         if stop.is_set():  # Ctrl-C while loading
             return 0
-        model = server.models[0]
+        model = next((m for m in server.models if not m.endswith(STREAM_SUFFIX)), server.models[0])
+        openai_line = ""
+        if args.openai_port is not None:
+            from deploy.openai_server import OpenAIServer, create_app
+
+            front = OpenAIServer(create_app(server.http_url, server.repo, model), args.host, args.openai_port)
+            front.start()
+            openai_line = f"  OpenAI   {front.base_url} (model {model})\n"
         print(
             f"aigc serve: ready in {seconds:.1f}s — models: {', '.join(server.models)}\n"
             f"  HTTP     http://{server.http_url}\n"
             f"  gRPC     {server.grpc_url}\n"
             f"  metrics  {server.metrics_url}\n"
+            f"{openai_line}"
             f"  try:     aigc query \"{EXAMPLE_PROMPT}\" --url {server.http_url} --model {model}\n"
             f"  Ctrl-C to stop.",
             flush=True,
@@ -76,6 +89,8 @@ def serve_main(argv: list[str]) -> int:
         print("aigc serve: stopping ...", flush=True)
         return 0
     finally:
+        if front is not None:
+            front.stop()
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -96,6 +111,7 @@ def query_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     parser.add_argument("--top-p", type=float, help="nucleus sampling probability mass")
     parser.add_argument("--seed", type=int, help="random seed of sampling (sent as random_seed)")
+    parser.add_argument("--stop", action="append", help="end the answer before this string (repeatable; sent as stop_words)")
     parser.add_argument("--protocol", choices=("http", "grpc"), help="default: http, or grpc with --stream")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated (gRPC, model <model>_stream)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer (default: %(default)s)")
@@ -114,7 +130,8 @@ def query_main(argv: list[str]) -> int:
     from deploy.client import DEFAULT_PORTS, ServerError, TextClient
 
     url = args.url or f"localhost:{DEFAULT_PORTS[protocol]}"
-    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+                "stop": args.stop}
     try:
         with TextClient(url, args.model, protocol, timeout_s=args.timeout) as client:
             if args.stream:

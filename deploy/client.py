@@ -64,9 +64,11 @@ class TextClient:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        stop: list[str] | tuple[str, ...] | None = None,
     ) -> list:
         """Return the tritonclient InferInputs of one request (batch of one row)."""
         text = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
+        stop_words = np.array([[s.encode("utf-8") for s in stop]], dtype=np.object_) if stop else None  # (1, n)
         values = [
             ("text_input", "BYTES", np.array([[text]], dtype=np.object_)),
             ("max_tokens", "INT32", np.array([[max_tokens]], dtype=np.int32)),
@@ -74,6 +76,7 @@ class TextClient:
             ("top_k", "INT32", None if top_k is None else np.array([[top_k]], dtype=np.int32)),
             ("top_p", "FP32", None if top_p is None else np.array([[top_p]], dtype=np.float32)),
             ("random_seed", "UINT64", None if seed is None else np.array([[seed]], dtype=np.uint64)),
+            ("stop_words", "BYTES", stop_words),
         ]
         inputs = []
         for name, dtype, array in values:
@@ -87,7 +90,8 @@ class TextClient:
         """Return the generated continuation of `prompt`; raise ServerError with the server's message
         (ConnectionError where the server cannot be reached).
 
-        `sampling`: temperature, top_k, top_p, seed (all optional; greedy without them).
+        `sampling`: temperature, top_k, top_p, seed, stop (a list of stop strings; the text ends
+        before the first one); all optional, greedy without them.
         """
         from tritonclient.utils import InferenceServerException
 

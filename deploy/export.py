@@ -1,9 +1,11 @@
 """The `export` stage: the final HF checkpoint, and a Triton model repository that serves it.
 
 Outputs: `hf/` (role `hf`, a copy of the aligned checkpoint) and `triton_repo/`
-(role `triton_repo`, see deploy.repository). TensorRT-LLM engines are not built
-here: TensorRT-LLM is not installable on this platform (no PyPI wheel); the
-repository keeps TensorRT-LLM's ensemble contract so clients carry over.
+(role `triton_repo`, see deploy.repository). `backend` picks what the Triton model
+runs: the checkpoint in PyTorch, an ONNX export with explicit KV cache in ONNX Runtime,
+or a TensorRT-LLM engine (only where TensorRT-LLM imports: it has no PyPI wheel and
+needs a GPU; elsewhere the stage stops with that message). Every backend keeps
+TensorRT-LLM's ensemble contract, so clients carry over.
 """
 
 from __future__ import annotations
@@ -41,12 +43,12 @@ def run(ctx: StageContext) -> StageResult:
     for stale in (hf_out, repo):  # a resumed work dir may hold a half-written copy
         shutil.rmtree(stale, ignore_errors=True)
     shutil.copytree(source, hf_out)
-    models = write_repository(hf_out, repo, cfg)
+    written = write_repository(hf_out, repo, cfg)
 
     model_config = json.loads((hf_out / "config.json").read_text())
     metrics = {
         "model_name": cfg.model_name,
-        "models": models,
+        **written,
         "parameters": parameter_count(hf_out / "model.safetensors"),
         "context": int(model_config.get("max_position_embeddings", 0)),
         "checkpoint_mb": round(sum(f.stat().st_size for f in hf_out.rglob("*") if f.is_file()) / 2**20, 3),

@@ -12,8 +12,11 @@ class ExportConfig:
     """Settings of the `export` stage: the HF checkpoint and a Triton model repository."""
 
     model_name: str = "ensemble"  # Triton model name; TensorRT-LLM's ensemble is called "ensemble"
+    # what the Triton model runs: "pytorch" (the HF checkpoint in process), "onnx" (ONNX Runtime,
+    # explicit KV cache), "tensorrt_llm" (a TensorRT-LLM engine; needs TensorRT-LLM and a GPU)
+    backend: str = "pytorch"
     stream_model: bool = True  # also write the decoupled `<model_name>_stream` model (gRPC streaming)
-    max_batch_size: int = 8  # Triton dynamic batching forms batches up to this size
+    max_batch_size: int = 32  # rows decoded together: Triton's dynamic batches, the stream model's batch
     max_queue_delay_us: int = 2000  # how long Triton waits to fill a batch
     max_tokens_limit: int = 512  # requests asking for more new tokens are rejected
     torch_threads: int = 1  # torch threads inside the Triton python backend
@@ -32,7 +35,7 @@ class ServeConfig:
 
 STAGES = {
     "export": Stage("export", ExportConfig, "deploy.export:run", inputs=("align",),
-                    key_metrics=("model_name", "parameters", "checkpoint_mb")),
+                    key_metrics=("model_name", "backend", "parameters", "checkpoint_mb")),
     "serve": Stage("serve", ServeConfig, "deploy.serve_stage:run", inputs=("export",),
                    key_metrics=("answer", "start_to_ready_s", "latency_ms")),
 }

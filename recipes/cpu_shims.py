@@ -1,6 +1,7 @@
-"""The three patches megatron-core 0.16.1 needs to train a GPTModel on a CPU-only machine.
+"""The four patches megatron-core 0.16.1 needs to train and decode a GPTModel on a CPU-only machine.
 
-megatron-core assumes CUDA in three places that a CPU forward/backward reaches:
+megatron-core assumes CUDA in three places that a CPU forward/backward reaches,
+and in a fourth that decoding with a KV cache reaches:
 
 1. the model-parallel RNG tracker: `model_parallel_cuda_manual_seed` seeds CUDA
    generators. We install the tracker without CUDA state instead
@@ -12,6 +13,8 @@ megatron-core assumes CUDA in three places that a CPU forward/backward reaches:
 3. `RotaryEmbedding.get_emb` moves `inv_freq` to `torch.cuda.current_device()`.
    We give the rotary module (only it) a `torch` whose `cuda.current_device()`
    answers "cpu"; the real `torch.cuda` is left alone for everyone else.
+4. `Attention._allocate_memory` puts the KV cache of a `StaticInferenceContext`
+   on `torch.cuda.current_device()`: the attention module gets the same `torch`.
 
 `apply_cpu_shims()` applies them only when CUDA is absent. `check_cpu_shims()`
 fails loudly when a megatron-core upgrade moves what they patch.
@@ -29,6 +32,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings import rotary_pos_embedding
 from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer import attention
 from megatron.core.utils import GlobalMemoryBuffer
 
 PATCHED_MCORE_VERSION = "0.16.1"
@@ -48,7 +52,7 @@ class CPUGlobalMemoryBuffer(GlobalMemoryBuffer):
 
 
 class _CPUCuda(types.SimpleNamespace):
-    """Stands in for `torch.cuda` inside the rotary module: the current device is the CPU."""
+    """Stands in for `torch.cuda` inside the rotary and attention modules: the current device is the CPU."""
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -59,7 +63,7 @@ class _CPUCuda(types.SimpleNamespace):
 
 
 class _TorchWithCPUCuda(types.ModuleType):
-    """Stands in for `torch` inside the rotary module; everything but `.cuda` is torch's."""
+    """Stands in for `torch` inside the rotary and attention modules; everything but `.cuda` is torch's."""
 
     cuda = _CPUCuda()
 
@@ -68,7 +72,7 @@ class _TorchWithCPUCuda(types.ModuleType):
 
 
 def apply_cpu_shims() -> bool:
-    """Apply the three CPU shims when CUDA is absent; return whether they were applied.
+    """Apply the four CPU shims when CUDA is absent; return whether they were applied.
 
     Call after `parallel_state.initialize_model_parallel` (it installs the memory
     buffer that shim 2 replaces).
@@ -78,6 +82,7 @@ def apply_cpu_shims() -> bool:
     mcore_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     parallel_state._GLOBAL_MEMORY_BUFFER = CPUGlobalMemoryBuffer()
     rotary_pos_embedding.torch = _TorchWithCPUCuda("torch")
+    attention.torch = _TorchWithCPUCuda("torch")
     return True
 
 
@@ -102,5 +107,7 @@ def check_cpu_shims() -> None:
     get_emb = inspect.getsource(rotary_pos_embedding.RotaryEmbedding.get_emb)
     if "torch.cuda.current_device()" not in get_emb:
         problems.append("RotaryEmbedding.get_emb no longer moves inv_freq to torch.cuda.current_device()")
+    if "torch.cuda.current_device()" not in inspect.getsource(attention.Attention._allocate_memory):
+        problems.append("Attention._allocate_memory no longer allocates the KV cache on torch.cuda.current_device()")
     if problems:
         raise RuntimeError("megatron-core CPU shims are out of date:\n  " + "\n  ".join(problems))

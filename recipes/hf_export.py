@@ -7,7 +7,10 @@ then its value head (rows of `head_dim` each). HF Llama keeps `q_proj`
 group j // hpg in both. Megatron's SwiGLU `linear_fc1` is [gate; up] stacked
 on rows; HF has `gate_proj` and `up_proj`. The Megatron embedding and output
 layer are padded to the recipe's vocabulary multiple; HF gets exactly the
-tokenizer's rows.
+tokenizer's rows. With tied embeddings (Llama-3.2-1B) Megatron has no
+`output_layer.weight` and HF's `lm_head` is the embedding. Llama-3 RoPE scaling
+is megatron's `rope_scaling` and HF's `rope_type: llama3` with the same
+constants (low/high frequency factors 1 and 4, original context 8192).
 """
 
 from __future__ import annotations
@@ -39,6 +42,20 @@ def megatron_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def rope_parameters(recipe: ModelRecipe) -> dict:
+    """Return HF's `rope_parameters` of `recipe`: default RoPE, or Llama-3 scaling as megatron applies it."""
+    if not recipe.rope_scaling_factor:
+        return {"rope_type": "default", "rope_theta": recipe.rotary_base}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": recipe.rotary_base,
+        "factor": recipe.rope_scaling_factor,
+        "low_freq_factor": 1.0,  # megatron's RotaryEmbedding._apply_scaling defaults
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
 def llama_config(recipe: ModelRecipe, vocab_size: int, seq_length: int, **token_ids: int | None) -> LlamaConfig:
     """Return the HF LlamaConfig of `recipe`; `token_ids` are bos_token_id, eos_token_id, pad_token_id."""
     return LlamaConfig(
@@ -51,9 +68,9 @@ def llama_config(recipe: ModelRecipe, vocab_size: int, seq_length: int, **token_
         head_dim=recipe.head_dim,
         max_position_embeddings=seq_length,
         rms_norm_eps=recipe.norm_epsilon,
-        rope_parameters={"rope_type": "default", "rope_theta": recipe.rotary_base},
+        rope_parameters=rope_parameters(recipe),
         initializer_range=recipe.init_method_std,
-        tie_word_embeddings=False,
+        tie_word_embeddings=recipe.tie_embeddings,
         attention_bias=False,
         mlp_bias=False,
         dtype="float32",
@@ -62,13 +79,17 @@ def llama_config(recipe: ModelRecipe, vocab_size: int, seq_length: int, **token_
 
 
 def megatron_to_hf(tensors: dict[str, torch.Tensor], recipe: ModelRecipe, vocab_size: int) -> dict[str, torch.Tensor]:
-    """Return the HF LlamaForCausalLM state dict of Megatron `tensors` (local-spec names)."""
+    """Return the HF LlamaForCausalLM state dict of Megatron `tensors` (local-spec names).
+
+    With tied embeddings `lm_head.weight` is the embedding itself (HF ties the two).
+    """
     ng, hd, h = recipe.num_query_groups, recipe.head_dim, recipe.hidden_size
     hpg = recipe.num_attention_heads // ng
+    output = "embedding.word_embeddings.weight" if recipe.tie_embeddings else "output_layer.weight"
     hf = {
         "model.embed_tokens.weight": tensors["embedding.word_embeddings.weight"][:vocab_size],
         "model.norm.weight": tensors["decoder.final_layernorm.weight"],
-        "lm_head.weight": tensors["output_layer.weight"][:vocab_size],
+        "lm_head.weight": tensors[output][:vocab_size],
     }
     for i in range(recipe.num_layers):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -101,8 +122,9 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], recipe: ModelRecipe, padded_voca
     tensors = {
         "embedding.word_embeddings.weight": pad_rows(hf["model.embed_tokens.weight"]),
         "decoder.final_layernorm.weight": hf["model.norm.weight"],
-        "output_layer.weight": pad_rows(hf["lm_head.weight"]),
     }
+    if not recipe.tie_embeddings:
+        tensors["output_layer.weight"] = pad_rows(hf["lm_head.weight"])
     for i in range(recipe.num_layers):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
         q = hf[p + "self_attn.q_proj.weight"].view(ng, hpg, hd, h)

@@ -4,6 +4,7 @@ A checkpoint is a directory:
 
     model.safetensors        the model's weights, by megatron state-dict name
     train_state.safetensors  AdamW moments and step counts (by parameter name), torch RNG state
+                             (not in the GPU path's final checkpoint, which cannot be resumed)
     train_state.json         step, loss history
 
 No pickles. Writing is atomic: the new checkpoint is written beside the live one,
@@ -30,19 +31,24 @@ def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]
 ) -> Path:
-    """Write model, optimizer, RNG and `state` (JSON-ready, holds "step") to `path` atomically; return it."""
+    """Write model, optimizer, RNG and `state` (JSON-ready, holds "step") to `path` atomically; return it.
+
+    Without an optimizer (the GPU path's final weights) there is no
+    train_state.safetensors and the checkpoint cannot be resumed from.
+    """
     new, prev = path.with_name(path.name + ".next"), path.with_name(path.name + ".prev")
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     save_file(model_weights(model), new / "model.safetensors")
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {"rng.torch": torch.get_rng_state()}
-    for param, moments in optimizer.state.items():
-        for key in MOMENTS:
-            tensors[f"{names[id(param)]}.{key}"] = moments[key].detach().clone()
-    save_file(tensors, new / "train_state.safetensors")
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        tensors = {"rng.torch": torch.get_rng_state()}
+        for param, moments in optimizer.state.items():
+            for key in MOMENTS:
+                tensors[f"{names[id(param)]}.{key}"] = moments[key].detach().clone()
+        save_file(tensors, new / "train_state.safetensors")
     (new / "train_state.json").write_text(json.dumps(state, indent=1))
     if path.exists():
         shutil.rmtree(prev, ignore_errors=True)
@@ -53,9 +59,9 @@ def save_checkpoint(
 
 
 def find_checkpoint(path: Path) -> Path | None:
-    """Return the complete checkpoint at `path` (or its `.prev` left by a kill mid-swap), else None."""
+    """Return the complete resumable checkpoint at `path` (or its `.prev` left by a kill mid-swap), else None."""
     for candidate in (path, path.with_name(path.name + ".prev")):
-        if (candidate / "train_state.json").is_file():
+        if (candidate / "train_state.json").is_file() and (candidate / "train_state.safetensors").is_file():
             return candidate
     return None
 

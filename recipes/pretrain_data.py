@@ -7,6 +7,11 @@ shuffled with a fixed seed, as many epochs as the requested sample count
 needs). Sample k of the training set is the same on every run with the same
 seed, so the batch of step s is a pure function of s: resuming needs no
 data-loader state.
+
+Training data may blend several indexed datasets (same tokenizer) with weights:
+megatron's `BlendedDataset` then interleaves their samples so that after any n
+samples each dataset has supplied its share of n within one sample (its
+greedy, deterministic blending index).
 """
 
 from __future__ import annotations
@@ -15,10 +20,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.tokenizers import MegatronTokenizer
+
+
+def train_blend(
+    data_dir: Path, prefixes: tuple[str, ...], weights: tuple[float, ...]
+) -> tuple[list[str], list[float] | None]:
+    """Return megatron's (prefixes, weights) of the training blend; weights None = one dataset, unweighted.
+
+    No prefixes: the tokenize stage's train split (`data_dir/train`) alone. The
+    prefix "tokenize" stands for that split inside a blend. Each prefix names
+    an indexed dataset (`<prefix>.bin` + `<prefix>.idx`); weights are relative.
+    """
+    if not prefixes:
+        return [str(data_dir / "train")], None
+    if len(weights) != len(prefixes) or min(weights) <= 0:
+        raise ValueError(f"data_weights {list(weights)}: give one positive weight per data prefix {list(prefixes)}")
+    paths = [str(data_dir / "train") if p == "tokenize" else p for p in prefixes]
+    missing = [p for p in paths if not (Path(p + ".bin").is_file() and Path(p + ".idx").is_file())]
+    if missing:
+        raise FileNotFoundError(f"no indexed dataset (.bin + .idx) at prefix {missing}")
+    return paths, list(weights)
 
 
 def build_gpt_datasets(
@@ -28,17 +54,22 @@ def build_gpt_datasets(
     train_samples: int,
     seed: int,
     cache_dir: Path,
-) -> tuple[GPTDataset, GPTDataset]:
-    """Return (train, valid) GPTDatasets; train holds at least `train_samples` samples.
+    blend: tuple[list[str], list[float] | None] | None = None,
+) -> tuple[GPTDataset | BlendedDataset, GPTDataset]:
+    """Return (train, valid) datasets; train holds at least `train_samples` samples.
 
-    Index caches (document/sample/shuffle indices) are written to `cache_dir`.
+    `blend` is `train_blend`'s (prefixes, weights) (default: the train split
+    of `data_dir` alone, a GPTDataset; a weighted blend is a BlendedDataset of
+    GPTDatasets). Validation is `data_dir/valid`. Index caches
+    (document/sample/shuffle and blending indices) are written to `cache_dir`.
+    torch.distributed must be initialised (`recipes.megatron_model.init_model_parallel`).
     """
     tokenizer = MegatronTokenizer.from_pretrained(str(tokenizer_dir), metadata_path={"library": "huggingface"})
     cache_dir.mkdir(parents=True, exist_ok=True)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend_per_split=[([str(data_dir / "train")], None), ([str(data_dir / "valid")], None), None],
+        blend_per_split=[blend or ([str(data_dir / "train")], None), ([str(data_dir / "valid")], None), None],
         path_to_cache=str(cache_dir),
         tokenizer=tokenizer,
         reset_position_ids=False,
@@ -51,7 +82,9 @@ def build_gpt_datasets(
     return train, valid
 
 
-def batch(dataset: GPTDataset, indices: range, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def batch(
+    dataset: GPTDataset | BlendedDataset, indices: range, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """Return the samples `indices` of `dataset` stacked on `device`: tokens/labels/loss_mask [b, s]."""
     samples = [dataset[i] for i in indices]
     return {key: torch.stack([s[key] for s in samples]).to(device) for key in ("tokens", "labels", "loss_mask")}

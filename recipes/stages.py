@@ -9,14 +9,31 @@ from pipeline.stage import Stage
 
 @dataclasses.dataclass
 class PretrainConfig:
-    """Settings of the `pretrain` stage; `model` names a recipe in recipes.models."""
+    """Settings of the `pretrain` stage; `model` names a recipe in recipes.models.
+
+    Architecture and parallelism fields left at 0 take the recipe's value.
+    """
 
     model: str = "tiny"
     max_steps: int = 250
     eval_every: int = 100
     checkpoint_every: int = 50
-    micro_batch_size: int = 8  # sequences per step (one micro-batch, no accumulation)
+    micro_batch_size: int = 8  # sequences per forward pass (per data-parallel rank on GPUs)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
     seq_length: int = 0  # 0 = the model recipe's
+    num_layers: int = 0
+    hidden_size: int = 0
+    num_attention_heads: int = 0
+    num_query_groups: int = 0
+    ffn_hidden_size: int = 0
+    rotary_base: float = 0.0
+    tensor_parallel: int = 0  # TP/PP/CP: GPU only (torchrun world = TP * PP * CP * DP)
+    pipeline_parallel: int = 0
+    context_parallel: int = 0
+    data_prefixes: tuple[str, ...] = ()  # indexed datasets to blend; () = the tokenize train split
+    data_weights: tuple[float, ...] = ()  # one relative weight per data prefix
+    bf16: bool = True  # bf16 autocast where the device has it (CUDA); CPU always trains in fp32
+    tensorboard: bool = True  # scalars under tensorboard/
     lr: float = 2e-3
     min_lr: float = 2e-4  # end of the cosine decay
     warmup_steps: int = 20  # linear warmup (capped at max_steps)

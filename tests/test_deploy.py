@@ -1,8 +1,9 @@
 """Tests of deploy/: the Triton repository, the real bundled Triton server, client, CLI and stages.
 
-One `aigc serve` process (the real CLI, in a subprocess) serves a repository
-exported from a tiny random Llama checkpoint for the whole module; answers are
-compared with transformers' greedy generate() on the same checkpoint.
+One `aigc serve` process (the real CLI, in a subprocess, with its OpenAI-compatible
+front) serves a repository exported from a tiny random Llama checkpoint for the whole
+module; answers are compared with transformers' generate() on the same checkpoint
+(greedy, or sampled after torch.manual_seed with the request's seed).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -90,7 +92,8 @@ def repo(checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    """Return f(prompt, max_tokens) -> transformers' greedy continuation on the checkpoint."""
+    """Return f(prompt, max_tokens, seed=None, **sampling) -> transformers' continuation on the
+    checkpoint: greedy, or sampled after torch.manual_seed(seed) (temperature, top_k, top_p)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,12 +101,17 @@ def reference(checkpoint):
     tok = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
-    def complete(prompt: str, max_tokens: int) -> str:
+    def complete(prompt: str, max_tokens: int, seed: int | None = None, **sampling) -> str:
         enc = tok(prompt, return_tensors="pt")
+        if seed is not None:
+            torch.manual_seed(seed)
+            sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **sampling}
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=seed is not None,
+                                 pad_token_id=tok.pad_token_id, **sampling)
         return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
+    complete.tokenizer = tok
     return complete
 
 
@@ -115,10 +123,14 @@ class ServeProcess:
         self.http_url = f"127.0.0.1:{free_port()}"
         self.grpc_url = f"127.0.0.1:{free_port()}"
         metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.openai_port = free_port()
+        self.openai_url = f"http://127.0.0.1:{self.openai_port}/v1"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "import sys; from deploy.cli import serve_main; sys.exit(serve_main(sys.argv[1:]))",
              "--repo", str(repo), "--http-port", self.http_url.split(":")[1],
-             "--grpc-port", self.grpc_url.split(":")[1], "--metrics-port", str(metrics_port)],
+             "--grpc-port", self.grpc_url.split(":")[1], "--metrics-port", str(metrics_port),
+             "--openai-port", str(self.openai_port)],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.lines: queue.Queue = queue.Queue()
@@ -165,7 +177,8 @@ def test_config_pbtxt_has_the_tensorrt_llm_contract(repo, checkpoint):
     for name, dtype in [("text_input", "TYPE_STRING"), ("max_tokens", "TYPE_INT32"), ("temperature", "TYPE_FP32"),
                         ("top_k", "TYPE_INT32"), ("top_p", "TYPE_FP32"), ("random_seed", "TYPE_UINT64")]:
         assert re.search(rf'name: "{name}" data_type: {dtype} ', config), name
-    for optional in ("temperature", "top_k", "top_p", "random_seed"):
+    assert re.search(r'name: "stop_words" data_type: TYPE_STRING dims: \[ -1 \] optional: true', config)
+    for optional in ("temperature", "top_k", "top_p", "random_seed", "stop_words"):
         assert re.search(rf'name: "{optional}" [^}}]*optional: true', config), optional
     for required in ("text_input", "max_tokens"):
         assert not re.search(rf'name: "{required}" [^}}]*optional', config), required
@@ -178,8 +191,11 @@ def test_config_pbtxt_has_the_tensorrt_llm_contract(repo, checkpoint):
     assert re.sub(r"\s+", " ", config[config.index("input ["):config.index("instance_group")]) == re.sub(
         r"\s+", " ", stream[stream.index("input ["):stream.index("instance_group")]
     )
-    # self-contained: the checkpoint lives in the repository, the stream model points at it
-    assert (repo / "ensemble" / "1" / "model.py").is_file()
+    assert 'key: "backend" value: { string_value: "pytorch" }' in config
+    # self-contained: the checkpoint and the decoding runtime live in the repository, the stream model points at it
+    for model in ("ensemble", "ensemble_stream"):
+        assert (repo / model / "1" / "model.py").is_file()
+        assert (repo / model / "1" / "llm_runtime" / "batch_decoder.py").is_file()
     for f in checkpoint.iterdir():
         assert (repo / "ensemble" / "1" / "hf" / f.name).read_bytes() == f.read_bytes()
     relative = re.search(r'key: "checkpoint" value: \{ string_value: "([^"]+)"', stream).group(1)
@@ -255,12 +271,15 @@ def test_stream_pieces_join_to_the_full_answer(served, reference):
 
 @pytest.mark.slow
 def test_bad_requests_get_errors_and_the_server_keeps_serving(served, reference):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
     bad = [
         ("", 8, "text_input is empty"),
         ("hello", 0, "max_tokens must be between 1 and 512, got 0"),
+        ("hello", -5, "max_tokens must be between 1 and 512, got -5"),
         ("hello", 10**6, "max_tokens must be between 1 and 512"),
         (b"\xff\xfe bad bytes", 8, "not valid UTF-8"),
         ("word " * 200, 8, "exceeds the model's context of 128 tokens"),
@@ -272,21 +291,136 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(served, reference)
                     client.generate(prompt, max_tokens)
             with pytest.raises(ServerError, match="top_p must be in"):
                 client.generate("hello", 4, top_p=1.5)
-        raw = httpclient.InferenceServerClient(served.http_url)
-        only_text = http.inputs("hello", 4)[:1]  # text_input without max_tokens
-        with pytest.raises(InferenceServerException, match="max_tokens"):
-            raw.infer("ensemble", only_text)
+            with pytest.raises(ServerError, match="temperature must be >= 0"):
+                client.generate("hello", 4, temperature=-1.0)
+        with pytest.raises(ServerError, match="max_tokens must be between"):
+            list(grpc.stream("hello", -1))
+        for api, url in ((httpclient, served.http_url), (grpcclient, served.grpc_url)):
+            raw = api.InferenceServerClient(url)
+
+            def tensor(name, array, dtype):
+                t = api.InferInput(name, list(array.shape), dtype)
+                t.set_data_from_numpy(array)
+                return t
+
+            text = tensor("text_input", np.array([[b"hello"]], dtype=np.object_), "BYTES")
+            cases = [
+                ([text], "max_tokens"),  # a required input is missing
+                ([text, tensor("max_tokens", np.array([[4.0]], dtype=np.float32), "FP32")], "data-type|datatype"),
+                ([tensor("text_input", np.array([[b"a", b"b"]], dtype=np.object_), "BYTES"),  # [1, 2], not [1, 1]
+                  tensor("max_tokens", np.array([[4]], dtype=np.int32), "INT32")], "shape"),
+                ([text, tensor("max_tokens", np.array([[4]], dtype=np.int32), "INT32"),
+                  tensor("unknown_input", np.array([[1]], dtype=np.int32), "INT32")], "unknown_input|unexpected"),
+            ]
+            for inputs, message in cases:
+                with pytest.raises(InferenceServerException, match=message):
+                    raw.infer("ensemble", inputs)
+            raw.close()
         assert http.generate(PROMPTS[0], 12) == reference(PROMPTS[0], 12)
+        assert "".join(grpc.stream(PROMPTS[0], 12)) == reference(PROMPTS[0], 12)
 
 
 @pytest.mark.slow
-def test_sampling_is_reproducible_with_a_seed(served, reference):
-    with TextClient(served.http_url) as client:
-        first = client.generate(PROMPTS[0], 16, temperature=1.0, seed=7)
-        assert client.generate(PROMPTS[0], 16, temperature=1.0, seed=7) == first
-        others = {client.generate(PROMPTS[0], 16, temperature=1.0, seed=s) for s in range(8, 12)}
+def test_a_bounded_load_is_served_without_errors(served, reference):
+    """500 requests from 32 concurrent clients, every 5th streamed over gRPC, max_tokens 4."""
+    expected = {p: reference(p, 4) for p in PROMPTS}
+    work = list(range(500))
+    lock = threading.Lock()
+    answers, errors = [], []
+
+    def client_loop():
+        with TextClient(served.http_url) as http, TextClient(served.grpc_url, protocol="grpc") as grpc:
+            while True:
+                with lock:
+                    if not work:
+                        return
+                    i = work.pop()
+                prompt = PROMPTS[i % len(PROMPTS)]
+                try:
+                    text = "".join(grpc.stream(prompt, 4)) if i % 5 == 0 else http.generate(prompt, 4)
+                except Exception as exc:  # any failure counts
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                answers.append((prompt, text))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert errors == []
+    assert len(answers) == 500
+    assert all(text == expected[prompt] for prompt, text in answers)
+
+
+def metric(text: str, name: str, model: str) -> float:
+    """Return the value of Prometheus metric `name` for `model` in a /metrics page (0 where absent)."""
+    found = re.search(rf'^{name}{{model="{model}"(?:,version="1")?}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.slow
+def test_metrics_port_counts_inferences_and_decoding_batches(served):
+    import urllib.request
+
+    def page() -> str:
+        with urllib.request.urlopen(served.metrics_url, timeout=10) as response:
+            return response.read().decode()
+
+    def figures() -> dict:
+        text = page()
+        names = ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success",
+                 "aigc_decode_steps_total", "aigc_decode_rows_total")
+        return {(n, m): metric(text, n, m) for n in names for m in ("ensemble", "ensemble_stream")}
+
+    def ask(i: int) -> str:
+        if i % 2:
+            with TextClient(served.http_url) as client:
+                return client.generate(PROMPTS[i % len(PROMPTS)], 8)
+        with TextClient(served.grpc_url, protocol="grpc") as client:
+            return "".join(client.stream(PROMPTS[i % len(PROMPTS)], 8))
+
+    before = figures()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(ask, range(32)))
+    with TextClient(served.http_url) as client, pytest.raises(ServerError):
+        client.generate("", 4)
+    deadline = time.monotonic() + 10  # statistics are updated just after the responses go out
+    while figures()[("nv_inference_count", "ensemble")] < before[("nv_inference_count", "ensemble")] + 17:
+        assert time.monotonic() < deadline, "nv_inference_count did not count the requests"
+        time.sleep(0.2)
+    delta = {key: value - before[key] for key, value in figures().items()}
+    # 16 answers + 1 refusal: the python backend's error responses count as completed requests
+    assert delta[("nv_inference_count", "ensemble")] == delta[("nv_inference_request_success", "ensemble")] == 17
+    assert delta[("nv_inference_exec_count", "ensemble")] < 17  # Triton's dynamic batches
+    assert delta[("nv_inference_request_success", "ensemble_stream")] == 16
+    for model in ("ensemble", "ensemble_stream"):  # our decoder's counters: concurrent requests shared steps
+        steps, rows = delta[("aigc_decode_steps_total", model)], delta[("aigc_decode_rows_total", model)]
+        assert steps > 0 and rows / steps > 1, (model, steps, rows)
+
+
+@pytest.mark.slow
+def test_seeded_sampling_draws_what_transformers_draws(served, reference):
+    with TextClient(served.http_url) as http, TextClient(served.grpc_url, protocol="grpc") as grpc:
+        first = http.generate(PROMPTS[0], 16, temperature=1.0, seed=7)
+        assert first == reference(PROMPTS[0], 16, seed=7)
+        assert "".join(grpc.stream(PROMPTS[0], 16, temperature=1.0, seed=7)) == first
+        assert grpc.generate(PROMPTS[1], 16, temperature=0.7, top_k=40, top_p=0.9, seed=3) == reference(
+            PROMPTS[1], 16, seed=3, temperature=0.7, top_k=40, top_p=0.9)
+        others = {http.generate(PROMPTS[0], 16, temperature=1.0, seed=s) for s in range(8, 12)}
         assert len(others | {first}) > 1
-        assert client.generate(PROMPTS[0], 16, temperature=0.0, seed=7) == reference(PROMPTS[0], 16)
+        assert http.generate(PROMPTS[0], 16, temperature=0.0, seed=7) == reference(PROMPTS[0], 16)
+
+
+@pytest.mark.slow
+def test_stop_words_end_the_answer_before_them(served, reference):
+    full = reference(PROMPTS[0], 16)
+    stop = full[len(full) // 2: len(full) // 2 + 2]  # two characters from the middle of the answer
+    expected = full[: full.index(stop)]
+    with TextClient(served.http_url) as http, TextClient(served.grpc_url, protocol="grpc") as grpc:
+        assert http.generate(PROMPTS[0], 16, stop=[stop, "never generated"]) == expected
+        assert "".join(grpc.stream(PROMPTS[0], 16, stop=[stop])) == expected
+        assert http.generate(PROMPTS[0], 16, stop=["never generated"]) == full
 
 
 @pytest.mark.slow
@@ -302,6 +436,79 @@ def test_query_cli_prints_the_answer_or_the_server_error(served, reference, caps
 
 
 @pytest.mark.slow
+def test_openai_client_completes_and_chats_like_transformers(served, reference):
+    import openai
+
+    client = openai.OpenAI(base_url=served.openai_url, api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["ensemble"]
+    answer = client.completions.create(model="ensemble", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert answer.choices[0].text == reference(PROMPTS[0], 12)
+    assert answer.usage.prompt_tokens == len(reference.tokenizer(PROMPTS[0])["input_ids"])
+    several = client.completions.create(model="ensemble", prompt=PROMPTS[:3], max_tokens=6, temperature=0)
+    assert [c.text for c in sorted(several.choices, key=lambda c: c.index)] == [reference(p, 6) for p in PROMPTS[:3]]
+    chunks = list(client.completions.create(model="ensemble", prompt=PROMPTS[2], max_tokens=12, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == reference(PROMPTS[2], 12)
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop") and len(chunks) > 2
+    # OpenAI's default temperature is 1: with a seed, the sample transformers draws after manual_seed
+    sampled = client.completions.create(model="ensemble", prompt=PROMPTS[0], max_tokens=16, seed=7)
+    assert sampled.choices[0].text == reference(PROMPTS[0], 16, seed=7)
+    full = reference(PROMPTS[0], 16)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    cut = client.completions.create(model="ensemble", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=stop)
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a class?"}]
+    prompt = reference.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    chat = client.chat.completions.create(model="ensemble", messages=messages, max_tokens=10, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == reference(prompt, 10)
+    stream = client.chat.completions.create(model="ensemble", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == reference(prompt, 10)
+
+
+@pytest.mark.slow
+def test_openai_bad_requests_get_4xx_json_errors_and_the_front_keeps_serving(served, reference):
+    import httpx
+    import openai
+
+    chat_part = [{"type": "image_url", "image_url": {"url": "http://example.invalid/x.png"}}]
+    cases = [
+        ("completions", {"model": "ensemble", "prompt": "", "max_tokens": 4}, 400, "text_input is empty"),
+        ("completions", {"model": "ensemble", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens must be between"),
+        ("completions", {"model": "ensemble", "prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens must be between"),
+        ("completions", {"model": "ensemble", "prompt": "word " * 200, "max_tokens": 4}, 400, "exceeds the model's context"),
+        ("completions", {"model": "ensemble", "prompt": "hi", "max_tokens": 0, "stream": True}, 400, "max_tokens must"),
+        ("completions", {"model": "ensemble"}, 400, "prompt"),
+        ("completions", {"model": "ensemble", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ("completions", {"model": "ensemble", "prompt": ["a", 3]}, 400, "prompt"),
+        ("completions", {"model": "ensemble", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ("completions", {"model": "ensemble", "prompt": "hi", "n": 2}, 400, "n=1"),
+        ("completions", {"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
+        ("chat/completions", {"model": "ensemble", "messages": []}, 400, "messages"),
+        ("chat/completions", {"model": "ensemble", "messages": [{"role": "user", "content": chat_part}]}, 400,
+         "text content"),
+    ]
+    raw_bodies = [b"{not json", b'{"model": "ensemble", "prompt": "\xff\xfe"}']
+    with httpx.Client(base_url=served.openai_url, timeout=60) as http:
+        for path, body, status, message in cases:
+            response = http.post(f"/{path}", json=body)
+            assert response.status_code == status, (body, response.text)
+            error = response.json()["error"]
+            assert message in error["message"] and error["type"] == "invalid_request_error", (body, error)
+        for raw in raw_bodies:
+            response = http.post("/completions", content=raw, headers={"Content-Type": "application/json"})
+            assert response.status_code == 400, (raw, response.text)
+            assert "error" in response.json()
+    client = openai.OpenAI(base_url=served.openai_url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be between"):
+        client.completions.create(model="ensemble", prompt="hi", max_tokens=-1)
+    good = client.completions.create(model="ensemble", prompt=PROMPTS[1], max_tokens=6, temperature=0)
+    assert good.choices[0].text == reference(PROMPTS[1], 6)
+
+
+@pytest.mark.slow
 def test_serve_cli_stops_cleanly_on_sigterm(served, repo):
     """Last test of the module using `served`: it stops the shared server."""
     assert len(processes_mentioning(str(repo))) == 4  # aigc serve, tritonserver, two python stubs
@@ -311,6 +518,9 @@ def test_serve_cli_stops_cleanly_on_sigterm(served, repo):
     assert not Path(served.backend_dir).exists()
     assert not list(Path("/dev/shm").glob(served.shm_prefix + "*"))
     assert "stopping" in "".join(served.output)
+    assert f"OpenAI   {served.openai_url}" in "".join(served.output)
+    with pytest.raises(OSError):  # the OpenAI front is gone with it
+        socket.create_connection(("127.0.0.1", served.openai_port), timeout=2).close()
 
 
 TRIVIAL_CONFIG = """backend: "python"
@@ -365,7 +575,7 @@ def test_export_and_serve_stages_through_the_runner(checkpoint, reference, tmp_p
     from pipeline.presets import resolve_configs
     from pipeline.runner import configs_to_json, execute_stage, make_plan
 
-    configs = resolve_configs("smoke", ["serve.prompt=A class", "export.stream_model=false"])
+    configs = resolve_configs("smoke", ["serve.prompt=A class", "export.stream_model=false", "export.backend=onnx"])
     configs_json = configs_to_json(configs)
     # stand in for a completed align stage holding our checkpoint
     align_fp = next(p.fingerprint for p in make_plan(tmp_path, configs) if p.name == "align")
@@ -377,9 +587,12 @@ def test_export_and_serve_stages_through_the_runner(checkpoint, reference, tmp_p
 
     export = execute_stage(str(tmp_path), "export", configs_json)
     assert export["metrics"]["models"] == ["ensemble"]
+    assert export["metrics"]["backend"] == "onnx" and export["metrics"]["onnx_max_abs_diff"] < 1e-4
     assert export["metrics"]["context"] == 128
-    assert export["outputs"]["triton_repo"]["files"] >= 2 + len(list(checkpoint.iterdir()))
     repo = tmp_path / "export" / "triton_repo"
+    version = repo / "ensemble" / "1"
+    assert (version / "model.onnx").is_file() and (version / "hf" / "tokenizer.json").is_file()
+    assert not (version / "hf" / "model.safetensors").exists()  # ONNX Runtime runs the weights in model.onnx.data
 
     serve = execute_stage(str(tmp_path), "serve", configs_json)
     answer = json.loads((tmp_path / "serve" / "answer.json").read_text())

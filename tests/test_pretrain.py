@@ -1,4 +1,6 @@
-"""Tests of the pretrain stage: CPU shims, HF export, data, training, resume after a kill, the stage.
+"""Tests of the pretrain stage: CPU shims, recipes, HF export, data blending, training, generation, the stage.
+
+The GPU path's test runs only where CUDA is; resume after a kill is marked slow.
 
 Inputs are built here: a byte-level BPE trained on Python's own docs and
 Megatron indexed datasets written with megatron-core's builder, laid out as
@@ -31,6 +33,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*(Apex|Transformer Engine).* not installed:UserWarning"),
     pytest.mark.filterwarnings("ignore:full scope is deprecated:UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
 ]
 
 VOCAB = 500  # not a multiple of 64: the Megatron embedding is padded to 512, HF keeps 500
@@ -116,6 +119,7 @@ def layout_run_dir(run_dir: Path, tokenized: Path, configs: dict) -> Path:
 
 def test_cpu_shims_are_current_and_megatron_trains_on_cpu():
     from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.transformer import attention
 
     from recipes.cpu_shims import check_cpu_shims
     from recipes.megatron_model import build_gpt_model
@@ -131,10 +135,27 @@ def test_cpu_shims_are_current_and_megatron_trains_on_cpu():
     assert abs(loss.item() - math.log(512)) < 0.1  # a fresh model predicts ~uniformly over its 512 rows
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == micro().num_params(512)
-    # only the rotary module sees a CPU "current device"; torch.cuda itself is untouched
+    # only the rotary and attention modules see a CPU "current device"; torch.cuda itself is untouched
     assert rotary_pos_embedding.torch.cuda.current_device() == "cpu"
+    assert attention.torch.cuda.current_device() == "cpu"
     with pytest.raises((AssertionError, RuntimeError)):
         torch.cuda.current_device()
+
+
+def test_swiglu_equals_megatrons_glu_in_value_and_gradient():
+    import torch.nn.functional as F
+
+    from recipes.megatron_model import SwiGLU
+
+    y = torch.randn(16, 2, 2 * 48, generator=torch.Generator().manual_seed(0), requires_grad=True)  # [s, b, 2f]
+    grad = torch.randn(16, 2, 48, generator=torch.Generator().manual_seed(1))
+    gate, up = torch.chunk(y, 2, dim=-1)
+    reference = F.silu(gate) * (up + 0.0)  # megatron MLP's glu (glu_linear_offset 0)
+    (expected,) = torch.autograd.grad(reference, y, grad)
+    out = SwiGLU.apply(y)
+    (got,) = torch.autograd.grad(out, y, grad)
+    assert torch.equal(out, reference) and torch.allclose(got, expected, rtol=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (y.detach().double().requires_grad_(),))
 
 
 def test_cpu_shims_check_fails_loudly_when_megatron_changes(monkeypatch):
@@ -148,6 +169,33 @@ def test_cpu_shims_check_fails_loudly_when_megatron_changes(monkeypatch):
     monkeypatch.setattr(RotaryEmbedding, "get_emb", get_emb)
     with pytest.raises(RuntimeError, match="RotaryEmbedding.get_emb"):
         check_cpu_shims()
+
+
+# --- model recipes ---------------------------------------------------------------------------
+
+
+def test_llama_recipes_have_the_published_parameter_counts_and_parallelism():
+    from recipes.models import RECIPES, get_model_recipe
+
+    # parameter counts of meta-llama/Llama-3.2-1B, Meta-Llama-3-8B, Meta-Llama-3-70B
+    published = {"llama3_1b": 1_235_814_400, "llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496}
+    for name, count in published.items():
+        assert get_model_recipe(name).num_params() == count, name
+    assert {n: RECIPES[n]().parallelism.data for n in published} == {"llama3_1b": 8, "llama3_8b": 4, "llama3_70b": 2}
+    big = get_model_recipe("llama3_70b").parallelism
+    assert (big.tensor, big.pipeline, big.virtual_pipeline, big.context, big.sequence_parallel) == (4, 4, 5, 2, True)
+    assert 25e6 < get_model_recipe("small").num_params() < 35e6
+
+
+def test_config_overrides_reach_the_recipe():
+    from recipes.pretrain import stage_recipe
+
+    cfg = PretrainConfig(model="llama3_8b", num_layers=2, hidden_size=256, context_parallel=1, tensor_parallel=2)
+    recipe = stage_recipe(cfg)
+    assert (recipe.num_layers, recipe.hidden_size, recipe.num_attention_heads) == (2, 256, 32)  # heads: the recipe's
+    assert (recipe.parallelism.tensor, recipe.parallelism.context, recipe.parallelism.gpus) == (2, 1, 8)
+    with pytest.raises(ValueError, match="divide evenly"):
+        stage_recipe(PretrainConfig(model="small", num_query_groups=3))
 
 
 # --- HF export -------------------------------------------------------------------------------
@@ -206,6 +254,34 @@ def test_hf_to_megatron_to_hf_round_trip_is_exact(tokenized):
     assert diff.item() <= 1e-4
 
 
+def test_tied_embeddings_and_llama3_rope_scaling_export_with_equal_logits(tmp_path, tokenized):
+    from transformers import LlamaForCausalLM
+
+    from recipes.hf_export import export_llama, hf_to_megatron, megatron_tensors
+    from recipes.megatron_model import build_gpt_model
+    from recipes.models import get_model_recipe
+    from recipes.pretrain_data import causal_mask
+
+    # Llama-3.2-1B's choices on the micro shape: tied embeddings, RoPE base 500k scaled x32
+    recipe = get_model_recipe("micro", tie_embeddings=True, rotary_base=500000.0, rope_scaling_factor=32.0)
+    model = randomize(build_gpt_model(recipe, VOCAB, seed=0)).eval()
+    assert model.output_layer.weight is None  # megatron reads the embedding
+    export_llama(model, recipe, tokenized / "tokenizer", 64, tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert hf.config.tie_word_embeddings and hf.config.rope_parameters["rope_type"] == "llama3"
+    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(tokens, None, causal_mask(64))[..., :VOCAB] - hf(input_ids=tokens).logits).abs().max()
+        default_rope = {"rope_type": "default", "rope_theta": 500000.0}
+        unscaled = LlamaForCausalLM.from_pretrained(tmp_path / "hf", rope_parameters=default_rope).eval()
+        scaling_effect = (unscaled(input_ids=tokens).logits - hf(input_ids=tokens).logits).abs().max()
+    assert diff.item() <= 1e-4 < scaling_effect.item()  # the scaling matters, and both apply it alike
+    back, ours = hf_to_megatron(hf.state_dict(), recipe, 512), megatron_tensors(model)
+    assert set(back) == set(ours)
+    ours["embedding.word_embeddings.weight"][VOCAB:] = 0  # padding rows: not exported, zero on import
+    assert [k for k in ours if not torch.equal(back[k], ours[k])] == []
+
+
 # --- data ------------------------------------------------------------------------------------
 
 
@@ -247,6 +323,52 @@ def test_unigram_baseline_is_the_cross_entropy_of_token_frequencies(tokenized):
     expected = -np.mean(np.log(counts[[1, 5, 5]] / counts.sum()))  # the last label is masked out
     loss = unigram_loss(tokenized / "data", VOCAB, labels, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
     assert loss == pytest.approx(expected, rel=1e-9)
+
+
+def write_constant_dataset(prefix: Path, token: int, n_docs: int) -> str:
+    """Write an indexed dataset of `n_docs` documents of `token` repeated, each closed by </s> (id 1)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for i in range(n_docs):
+        ids = [token] * (20 + i % 30) + [1]
+        builder.add_document(np.asarray(ids), [len(ids)])
+    builder.finalize(str(prefix) + ".idx")
+    return str(prefix)
+
+
+def test_blended_data_follows_the_weights_in_a_deterministic_order(tmp_path, tokenized):
+    from recipes.megatron_model import init_model_parallel
+    from recipes.pretrain_data import build_gpt_datasets, train_blend
+
+    init_model_parallel(seed=0)
+
+    sevens = write_constant_dataset(tmp_path / "sevens", 7, 300)
+    nines = write_constant_dataset(tmp_path / "nines", 9, 300)
+    blend = train_blend(tokenized / "data", ("tokenize", sevens, nines), (5.0, 3.0, 2.0))
+    weights = np.array([0.5, 0.3, 0.2])
+    n = 1000
+
+    def build(cache: str):
+        return build_gpt_datasets(tokenized / "data", tokenized / "tokenizer", 64, n, 7, tmp_path / cache, blend)[0]
+
+    train = build("a")
+    assert len(train) >= n
+    # after every prefix of the sample order, each dataset has supplied its share to within one sample
+    counts = np.stack([np.cumsum(train.dataset_index[:n] == k) for k in range(3)], axis=1)  # [n, 3]
+    expected = np.arange(1, n + 1)[:, None] * weights
+    assert np.abs(counts - expected).max() <= 1.0
+    # each sample really comes from the dataset the index names (a peer check on its tokens)
+    for j in range(0, n, 7):
+        tokens = set(train[j]["tokens"].tolist()) | set(train[j]["labels"].tolist())
+        source = {7: 1, 9: 2}.get(min(tokens - {1}), 0) if tokens <= {1, 7, 9} else 0
+        assert source == train.dataset_index[j], j
+    # deterministic: rebuilt from scratch (another cache), the same order and the same tokens
+    again = build("b")
+    assert np.array_equal(again.dataset_index[:n], train.dataset_index[:n])
+    assert all(torch.equal(again[j]["tokens"], train[j]["tokens"]) for j in (0, 1, 500, n - 1))
+    with pytest.raises(ValueError, match="one positive weight per data prefix"):
+        train_blend(tokenized / "data", ("tokenize", sevens), (1.0,))
 
 
 # --- training --------------------------------------------------------------------------------
@@ -299,21 +421,104 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
     cfg = PretrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
     lrs = [lr_at(s, cfg) for s in range(100)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[0] == pytest.approx(1e-4) and lrs[4] == pytest.approx(5e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3)  # cosine from the peak: progress 0 after warmup
+    assert lrs[55] == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way through the decay: the midpoint
+    assert lrs[40] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi / 3)))
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(1e-4, rel=1e-2)
+
+
+def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tmp_path, tokenized):
+    from recipes.megatron_model import build_gpt_model
+    from recipes.pretrain import make_optimizer, train_step
+    from recipes.pretrain_data import batch, build_gpt_datasets, causal_mask
+
+    train_ds, _ = build_gpt_datasets(tokenized / "data", tokenized / "tokenizer", 64, 8, 1, tmp_path / "c")
+    cfg = PretrainConfig(model="micro")
+    results = []
+    for mbs, accum in ((4, 1), (2, 2), (1, 4)):
+        model = build_gpt_model(micro(), VOCAB, seed=0)
+        optimizer = make_optimizer(model, cfg)
+        micro_batches = [batch(train_ds, range(i * mbs, (i + 1) * mbs)) for i in range(accum)]
+        loss, grad_norm = train_step(model, optimizer, micro_batches, causal_mask(64), grad_clip=1.0)
+        results.append((loss, grad_norm, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    for loss, grad_norm, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], abs=1e-6) and grad_norm == pytest.approx(results[0][1], rel=1e-5)
+        assert (grads - results[0][2]).abs().max() <= 1e-5 * results[0][2].abs().max()  # the (clipped) gradient
+
+
+# --- generation ------------------------------------------------------------------------------
+
+
+def test_top_k_and_top_p_keep_the_tokens_they_should():
+    from recipes.generate import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1], [0.1, 0.15, 0.25, 0.5]]))
+    kept = lambda out: torch.isfinite(out).tolist()  # noqa: E731
+    assert kept(filter_logits(logits, 1.0, top_k=2)) == [[True, True, False, False], [False, False, True, True]]
+    # nucleus 0.7: 0.5 alone is short of it, 0.5 + 0.25 reaches it; the rest drop
+    assert kept(filter_logits(logits, 1.0, top_p=0.7)) == [[True, True, False, False], [False, False, True, True]]
+    assert kept(filter_logits(logits, 1.0, top_p=0.01))[0] == [True, False, False, False]  # the top token stays
+    assert torch.allclose(filter_logits(logits, 0.5), logits * 2)
+
+
+def test_kv_cache_generation_equals_full_recompute_for_megatron_and_hf(tokenized):
+    from transformers import LlamaForCausalLM
+
+    from recipes.generate import generate, hf_next_logits, megatron_next_logits
+    from recipes.hf_export import llama_config, megatron_tensors, megatron_to_hf
+    from recipes.megatron_model import build_gpt_model
+
+    model = randomize(build_gpt_model(micro(), VOCAB, seed=0))
+    hf = LlamaForCausalLM(llama_config(micro(), VOCAB, 64))
+    hf.load_state_dict(megatron_to_hf(megatron_tensors(model), micro(), VOCAB))
+    prompt = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    decoders = {
+        "megatron, KV cache": megatron_next_logits(model, VOCAB, 64),
+        "megatron, no cache": megatron_next_logits(model, VOCAB, 64, use_cache=False),
+        "HF, KV cache": hf_next_logits(hf),
+        "HF, no cache": hf_next_logits(hf, use_cache=False),
+    }
+    greedy = {name: generate(d, prompt, 40) for name, d in decoders.items()}
+    sampling = dict(temperature=0.9, top_k=100, top_p=0.9, seed=5)
+    sampled = {name: generate(d, prompt, 40, **sampling) for name, d in decoders.items()}
+    reference = greedy["megatron, no cache"]
+    assert reference.shape == (2, 49) and torch.equal(reference[:, :9], prompt)
+    assert all(torch.equal(out, reference) for out in greedy.values())
+    assert all(torch.equal(out, sampled["megatron, no cache"]) for out in sampled.values())
+    assert not torch.equal(sampled["HF, KV cache"], reference)  # sampling did sample
+    assert len(set(reference[0, 9:].tolist())) > 5  # large random weights: a varied sequence, not one token
+
+
+def test_generation_stops_rows_at_eos():
+    from recipes.generate import generate
+
+    def next_logits(ids, cache):  # row 0 says eos (id 1) at its third token, row 1 never
+        logits = torch.zeros(ids.shape[0], 5)
+        logits[0, 1 if ids.shape[1] >= 4 else 3] = 1.0
+        logits[1, 2] = 1.0
+        return logits, cache
+
+    out = generate(next_logits, torch.zeros(2, 2, dtype=torch.long), 6, eos_token_id=1)
+    assert out[0, 2:].tolist() == [3, 3, 1, 1, 1, 1] and out[1, 2:].tolist() == [2] * 6
 
 
 # --- the stage -------------------------------------------------------------------------------
 
 
-def test_stage_through_the_runner_exports_a_working_hf_llama(tmp_path, tokenized):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tokenized) -> tuple[Path, dict]:
+    """Run the pretrain stage of the smoke preset through the runner; return (run_dir, manifest)."""
+    configs = resolve_configs("smoke")
+    run_dir = layout_run_dir(tmp_path_factory.mktemp("smoke") / "run", tokenized, configs)
+    return run_dir, execute_stage(str(run_dir), "pretrain", configs_to_json(configs))
+
+
+def test_stage_through_the_runner_exports_a_working_hf_llama(smoke_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    configs = resolve_configs("smoke")
-    run_dir = layout_run_dir(tmp_path / "run", tokenized, configs)
-    manifest = execute_stage(str(run_dir), "pretrain", configs_to_json(configs))
-
+    run_dir, manifest = smoke_run
     assert manifest["status"] == "completed"
     m = manifest["metrics"]
     assert m["steps"] == 20 and m["hf_logits_max_abs_diff"] <= 1e-4
@@ -327,6 +532,46 @@ def test_stage_through_the_runner_exports_a_working_hf_llama(tmp_path, tokenized
     generated = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 5
     assert not (run_dir / "pretrain.tmp").exists()
+
+
+def test_stage_writes_tensorboard_scalars(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, manifest = smoke_run
+    events = EventAccumulator(str(run_dir / "pretrain" / manifest["outputs"]["tensorboard"]["path"])).Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/ppl"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 21))
+    val = events.Scalars("val/loss")
+    assert [e.step for e in val] == [10, 20]
+    assert val[-1].value == pytest.approx(manifest["metrics"]["val_loss"], abs=1e-4)
+
+
+def test_evaluate_checkpoint_scores_and_continues_an_hf_checkpoint(smoke_run, tmp_path):
+    from recipes.eval_checkpoint import evaluate_checkpoint
+
+    run_dir, _ = smoke_run
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(doc_texts()[-6:])))
+    report = evaluate_checkpoint(run_dir / "pretrain" / "hf", heldout, ("The import statement",), max_new_tokens=6)
+    assert report["tokens"] > 100 and report["perplexity"] == pytest.approx(math.exp(report["nll"]))
+    assert report["perplexity"] < VOCAB  # trained: better than uniform over the vocabulary
+    (sample,) = report["samples"]
+    assert sample["prompt"] == "The import statement" and sample["greedy"] and sample["sampled"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU path needs CUDA")
+def test_gpu_path_trains_with_megatron_ddp_and_distributed_optimizer(tmp_path, tokenized):
+    configs = resolve_configs("smoke", ["pretrain.max_steps=40", "pretrain.grad_accum_steps=2"])
+    run_dir = layout_run_dir(tmp_path / "run", tokenized, configs)
+    manifest = execute_stage(str(run_dir), "pretrain", configs_to_json(configs))
+
+    m = manifest["metrics"]
+    assert manifest["status"] == "completed" and m["steps"] == 40 and m["train_tokens"] == 40 * 2 * 8 * 64
+    assert m["val_loss"] < math.log(VOCAB) - 0.5 and m["hf_logits_max_abs_diff"] <= 1e-4
+    checkpoint = run_dir / "pretrain" / "checkpoint"  # the GPU path's final weights: no optimizer state
+    assert (checkpoint / "model.safetensors").is_file() and not (checkpoint / "train_state.safetensors").exists()
 
 
 @pytest.mark.slow

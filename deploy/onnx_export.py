@@ -1,0 +1,67 @@
+"""Export an HF causal LM to ONNX with an explicit KV cache (past/present tensors).
+
+The graph is deploy.llm_runtime.kv_lm's step function (see there for shapes), exported
+with torch.onnx.export(dynamo=True); batch, new-token and cached-position axes are
+dynamic, so one file serves prefill (P = 0) and decoding (T = 1) of any batch. The
+export is checked at once: ONNX Runtime must reproduce PyTorch's logits and cache on a
+left-padded batch with a non-empty past.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from deploy.llm_runtime.kv_lm import INPUT_NAMES, ONNX_FILE, OUTPUT_NAMES, ExplicitKVCausalLM, OnnxStep, cache_geometry
+
+
+def example_inputs(geometry: tuple[int, int, int], vocab: int) -> tuple[torch.Tensor, ...]:
+    """Return step inputs with batch 2, 3 new tokens and 2 cached positions, the first row
+    left padded (sizes above 1, so no axis is specialised to a constant)."""
+    layers, heads, head_dim = geometry
+    batch, new, past = 2, 3, 2
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (batch, new), generator=generator)
+    attention_mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])  # (B, P+T)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+    past_keys = torch.randn(layers, batch, heads, past, head_dim, generator=generator)
+    past_values = torch.randn(layers, batch, heads, past, head_dim, generator=generator)
+    return input_ids, attention_mask, position_ids, past_keys, past_values
+
+
+def export_onnx(model, out_dir: Path) -> tuple[Path, float]:
+    """Export `model` (an HF causal LM) as `out_dir`/model.onnx (+ its external weights file);
+    return (the file, the largest |ONNX Runtime - PyTorch| over logits and cache on example inputs)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module = ExplicitKVCausalLM(model.float()).eval()
+    geometry = cache_geometry(model.config)
+    inputs = example_inputs(geometry, model.config.vocab_size)
+    batch, new, past, total = (torch.export.Dim(n) for n in ("batch", "new", "past", "total"))
+    dynamic_shapes = (
+        {0: batch, 1: new},  # input_ids
+        {0: batch, 1: total},  # attention_mask (= past + new)
+        {0: batch, 1: new},  # position_ids
+        {1: batch, 3: past},  # past_keys
+        {1: batch, 3: past},  # past_values
+    )
+    path = out_dir / ONNX_FILE
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed" and similar chatter, not findings
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # axis renames, deprecations
+            torch.onnx.export(
+                module, inputs, str(path), dynamo=True, input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes, external_data=True, verbose=False,
+            )
+            expected = module(*inputs)
+    finally:
+        exporter_log.setLevel(level)
+    got = OnnxStep(path, geometry)(*inputs)
+    difference = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+    return path, difference
