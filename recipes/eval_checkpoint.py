@@ -72,8 +72,9 @@ def evaluate_checkpoint(
     return {"perplexity": hf_lm.perplexity(nll), "nll": nll, "tokens": tokens, "samples": samples}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `aigc eval-checkpoint`; return the exit code."""
+    parser = argparse.ArgumentParser(prog="aigc eval-checkpoint", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="an HF checkpoint directory (config.json, weights, tokenizer)")
     parser.add_argument("--heldout", type=Path, required=True, help='JSONL of {"text": ...} documents')
     parser.add_argument("--prompt", action="append", help="a prompt to continue (repeatable)")
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the report here as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = evaluate_checkpoint(
         args.checkpoint,
@@ -106,7 +107,8 @@ def main() -> None:
     for s in report["samples"]:
         table.add_row(s["prompt"], repr(s["greedy"]), repr(s["sampled"]))
     Console().print(table)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
