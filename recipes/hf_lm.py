@@ -155,3 +155,125 @@ def greedy_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
         pad_token_id=tokenizer.pad_token_id,
     )  # (1, T + new)
     return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def pack_examples(examples: list[dict[str, list[int]]], max_length: int, packing: bool) -> list[dict[str, list[int]]]:
+    """Return rows {"input_ids", "labels", "position_ids"}: one example per row, or packed several to a row.
+
+    Packing fills each row of at most `max_length` tokens with whole examples
+    in order (first fit, next row when the next example does not fit).
+    position_ids restart at 0 with each example, which is how transformers
+    finds the example boundaries and keeps attention within each example. The
+    first label of every example is IGNORE: its first token is not predicted
+    from the example before it.
+    """
+    rows: list[dict[str, list[int]]] = []
+    for e in examples:
+        n = min(len(e["input_ids"]), max_length)
+        if not (packing and rows and len(rows[-1]["input_ids"]) + n <= max_length):
+            rows.append({"input_ids": [], "labels": [], "position_ids": []})
+        row = rows[-1]
+        row["input_ids"] += e["input_ids"][:n]
+        row["labels"] += [IGNORE] + e["labels"][1:n]
+        row["position_ids"] += list(range(n))
+    return rows
+
+
+def collate_rows(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Return right-padded tensors input_ids, labels, position_ids, each (B, T), from `pack_examples` rows.
+
+    Padding is a segment of its own (positions from 0, labels IGNORE): causal
+    attention never lets an earlier token see it, so no attention mask is needed.
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+        "labels": torch.full((len(rows), width), IGNORE, dtype=torch.long),
+        "position_ids": torch.arange(width).repeat(len(rows), 1),
+    }
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        for key in ("input_ids", "labels", "position_ids"):
+            batch[key][i, :n] = torch.tensor(r[key])
+        batch["position_ids"][i, n:] = torch.arange(width - n)
+    return batch
+
+
+def forward_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Return (summed next-token NLL as a graph-connected scalar, number of scored tokens) of a `collate_rows` batch.
+
+    The batch moves to the model's device. No attention mask and no KV cache:
+    transformers then reads example boundaries from the position_ids (packed
+    rows get a block-diagonal causal mask).
+    """
+    device = next(model.parameters()).device
+    input_ids, position_ids, labels = (batch[k].to(device) for k in ("input_ids", "position_ids", "labels"))
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits  # (B, T, V)
+    targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return nll, int((targets != IGNORE).sum())
+
+
+
+def _choice_row(prompt: list[int], options: list[list[int]]) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+    """Return (tokens, positions, segments, predictor indices per option) of one prompt-with-options row.
+
+    Segment 0 is the prompt, k the k-th option (from 1); option tokens take the
+    positions that follow the prompt's. Option token t is predicted at
+    predictor index t: the prompt's last token for its first token.
+    """
+    tokens, positions, segments, predictors = list(prompt), list(range(len(prompt))), [0] * len(prompt), []
+    for k, option in enumerate(options, 1):
+        start = len(tokens)
+        tokens += option
+        positions += range(len(prompt), len(prompt) + len(option))
+        segments += [k] * len(option)
+        predictors.append([len(prompt) - 1] + list(range(start, start + len(option) - 1)))
+    return tokens, positions, segments, predictors
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    options: list[list[list[int]]],
+    pad_id: int,
+    batch_size: int,
+    desc: str = "choices",
+) -> list[list[float]]:
+    """Return, per prompt, the summed log-probability of each of its options (token id lists) after the prompt.
+
+    Each prompt is read once: its row holds the prompt, then its options one
+    after another, each option attending to the prompt and to itself only
+    (an additive 4D mask) at the positions that follow the prompt, so the
+    scores equal scoring prompt + option as separate sequences.
+    """
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    all_rows = [_choice_row(p, o) for p, o in zip(prompts, options)]
+    order = sorted(range(len(all_rows)), key=lambda i: len(all_rows[i][0]))  # similar lengths share a batch
+    scored: dict[int, list[float]] = {}
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        picked = order[s : s + batch_size]
+        rows = [all_rows[i] for i in picked]
+        width = max(len(r[0]) for r in rows)
+        tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)  # (B, T); -1 = padding
+        for i, (t, p, g, _) in enumerate(rows):
+            tokens[i, : len(t)], positions[i, : len(p)], segments[i, : len(g)] = (torch.tensor(x) for x in (t, p, g))
+        idx = torch.arange(width)
+        causal = idx[None, :] <= idx[:, None]  # (T, T): key j at or before query i
+        same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+        to_prompt = (segments[:, None, :] == 0) & (segments[:, :, None] >= 0)  # (B, T, T)
+        allowed = causal & (same | to_prompt)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        logits = model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        for i, (row, predictors) in enumerate(zip(picked, (r[3] for r in rows))):
+            scored[row] = [
+                logp[i, pred, tokens[i][segments[i] == k]].sum().item() for k, pred in enumerate(predictors, 1)
+            ]
+    return [scored[i] for i in range(len(all_rows))]

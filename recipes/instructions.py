@@ -1,10 +1,14 @@
-"""Instruction data built from the curated corpus: "continue this passage" chats, seeded and split.
+"""Instruction data: "continue this passage" chats built from the curated corpus, or the user's JSONL files.
 
 Each document with at least two sentences gives one example: the user shows
 the sentences before a seeded cut point and asks for what comes next; the
 assistant answers with the sentence after the cut. Whether a document is
 held out depends only on (seed, document id), so the split does not move
 when the corpus grows or shards are read in another order.
+
+User files hold chat records {"messages": [...]} or instruction records
+{"instruction", "input", "output"}; a line that is not a valid record becomes
+a reject carrying its file, line number and reason (`read_user_instructions`).
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in _SENTENCE_END.split(flat) if s]
 
 
-def _clip_words(text: str, max_chars: int, keep_end: bool) -> str:
+def clip_words(text: str, max_chars: int, keep_end: bool) -> str:
     """Return `text` cut at a word boundary to at most `max_chars` (keeping its start or its end)."""
     if len(text) <= max_chars:
         return text
@@ -103,8 +107,8 @@ def continuation_of(doc: dict, seed: int, chat_chars: int) -> Continuation | Non
     rng = random.Random(f"{seed}:{doc['id']}")
     cut = rng.randint(1, len(sentences) - 1)
     context_chars = chat_chars * 5 // 8
-    context = _clip_words(" ".join(sentences[:cut]), context_chars, keep_end=True)
-    answer = _clip_words(sentences[cut], chat_chars - context_chars, keep_end=False)
+    context = clip_words(" ".join(sentences[:cut]), context_chars, keep_end=True)
+    answer = clip_words(sentences[cut], chat_chars - context_chars, keep_end=False)
     if len(context.split()) < 3 or len(answer.split()) < 2:
         return None
     return Continuation(doc["id"], context, answer)
@@ -196,3 +200,87 @@ def read_jsonl(path: Path, check: Callable[[object, str], None]) -> list[dict]:
 def read_instructions(path: Path) -> list[dict]:
     """Return the instruction records of a JSONL file, checking each (ValueError names the line)."""
     return read_jsonl(path, check_instruction)
+
+
+def as_chat_record(record: object, where: str, default_id: str, seed: int, heldout_fraction: float) -> dict:
+    """Return a user's instruction record as a checked {"id", "split", "messages"} record.
+
+    Two shapes are read: chat `{"messages": [...]}` and Alpaca-style
+    `{"instruction", "input" (optional), "output", "system" (optional)}`, whose
+    user turn is the instruction, then a blank line and the input when there is
+    one. `id` and `split` are optional: a record without a split is held out by
+    a seeded hash of its id. Raises ValueError prefixed by `where`.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: an instruction record must be a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+    elif "instruction" in record or "output" in record:
+        messages = alpaca_messages(record, where)
+    else:
+        raise ValueError(f"{where}: expected 'messages' (chat) or 'instruction' and 'output' fields")
+    record_id = record.get("id", default_id)
+    if not isinstance(record_id, str):
+        raise ValueError(f"{where}: 'id' must be a string")
+    split = record.get("split", "val" if is_heldout(record_id, seed, heldout_fraction) else "train")
+    converted = {"id": record_id, "split": split, "messages": messages}
+    check_instruction(converted, where)
+    return converted
+
+
+def alpaca_messages(record: dict, where: str) -> list[dict]:
+    """Return the chat of an {"instruction", "input", "output", "system"} record; ValueError prefixed by `where`."""
+    for key in ("instruction", "output"):
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            raise ValueError(f"{where}: '{key}' must be a non-empty string")
+    for key in ("input", "system"):
+        if not isinstance(record.get(key, ""), str):
+            raise ValueError(f"{where}: '{key}' must be a string")
+    extra = record.get("input", "").strip()
+    user = f"{record['instruction']}\n\n{extra}" if extra else record["instruction"]
+    system = [{"role": "system", "content": record["system"]}] if record.get("system", "").strip() else []
+    return system + [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def read_user_instructions(paths: list[str], seed: int, heldout_fraction: float) -> tuple[list[dict], list[dict], int]:
+    """Return (records, rejects, lines read) of the user's instruction JSONL files, in file order.
+
+    A record is converted by `as_chat_record` (its default id is
+    "<file stem>-<line>"). A line that is not UTF-8, not JSON or not a valid
+    record becomes a reject {"file", "line", "reason", "detail", "raw"} instead
+    of a record; blank lines are skipped.
+    """
+    records: list[dict] = []
+    rejects: list[dict] = []
+    lines = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                lines += 1
+                where = f"{path}:{lineno}"
+                reject = {"file": str(path), "line": lineno, "raw": raw.decode("utf-8", "replace").rstrip("\n")}
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    rejects.append(reject | {"reason": "not_utf8", "detail": f"{where}: {exc}"})
+                    continue
+                except json.JSONDecodeError as exc:
+                    rejects.append(reject | {"reason": "not_json", "detail": f"{where}: not JSON ({exc})"})
+                    continue
+                try:
+                    records.append(as_chat_record(record, where, f"{Path(path).stem}-{lineno}", seed, heldout_fraction))
+                except ValueError as exc:
+                    rejects.append(reject | {"reason": "invalid_record", "detail": str(exc)})
+    return records, rejects, lines
+
+
+def check_rejects(rejects: list[dict], lines: int, max_fraction: float, where: Path) -> None:
+    """Raise ValueError, quoting the first rejects, when more than `max_fraction` of `lines` were rejected."""
+    if rejects and len(rejects) > max_fraction * lines:
+        first = "\n  ".join(r["detail"] for r in rejects[:3])
+        raise ValueError(
+            f"{len(rejects)} of {lines} instruction records ({len(rejects) / lines:.1%}) are malformed, more than "
+            f"sft.max_rejects_fraction={max_fraction}; all of them are in {where}. First:\n  {first}"
+        )

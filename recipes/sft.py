@@ -1,29 +1,54 @@
-"""The `sft` stage: LoRA instruction tuning of the pretrained HF checkpoint, merged back into it.
+"""The `sft` stage: LoRA (merged back) or full fine-tuning of the pretrained HF checkpoint on instructions.
 
-Steps: build "continue this passage" chats from the curated corpus
-(recipes.instructions), encode them with the chat template and loss on the
-assistant turns only (recipes.hf_lm), truncated to the model's positions
-(chats whose prompt leaves under a quarter of them are dropped), score the
-held-out chats, train a peft LoRA adapter with a plain AdamW loop, score
-again, then save the adapter in PEFT format and the merged model as an HF
-checkpoint.
+Steps: fill the config from its recipe (recipes.sft_recipes); read the
+user's instruction files (chat or instruction/input/output JSONL; bad records
+go to rejects/) or build "continue this passage" chats from the curated
+corpus (recipes.instructions); encode them with the chat template and loss on
+the assistant turns only (recipes.hf_lm), truncated to max_length (chats
+whose prompt leaves under a quarter of it are dropped); optionally pack
+several chats per row (attention stays within each chat); score the
+held-out chats; train (a peft LoRA/DoRA adapter, or every weight) with a
+plain AdamW loop, scoring the held-out chats every eval_every steps; then
+save the adapter in PEFT format and the merged model, or the fully tuned
+model, as an HF checkpoint, plus a loss-curve PNG.
+
+Outputs under the stage directory:
+
+    hf/                   the fine-tuned model + tokenizer (with its chat template)
+    adapter/              the LoRA/DoRA adapter in PEFT format (mode lora only)
+    instructions.jsonl    exactly the train and held-out chats used
+    rejects/rejects.jsonl malformed records of data_files: {"file", "line", "reason", "detail", "raw"}
+    loss_curve.png        train loss per step and held-out loss
+    sft_config.json       the config the stage ran with: the recipe's values filled in
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import random
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm
-from recipes.instructions import build_instructions, chat_char_budget, read_corpus, write_jsonl
+from recipes.instructions import (
+    build_instructions,
+    chat_char_budget,
+    check_rejects,
+    read_corpus,
+    read_user_instructions,
+    write_jsonl,
+)
+from recipes.sft_recipes import resolve_config
 from recipes.stages import SFTConfig
 
 
@@ -37,25 +62,90 @@ def select_examples(records: list[dict], cfg: SFTConfig, seed: int) -> tuple[lis
     return train, val[: cfg.eval_examples]
 
 
+def load_records(ctx: StageContext, cfg: SFTConfig, max_length: int) -> tuple[list[dict], dict]:
+    """Return (instruction records, counts) from cfg.data_files or the curated corpus.
+
+    Rejects of data_files are written to rejects/rejects.jsonl (always
+    written, empty for the corpus); too many fail the stage.
+    """
+    rejects_path = ctx.out_dir / "rejects" / "rejects.jsonl"
+    rejects_path.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.data_files:
+        records, rejects, lines = read_user_instructions(list(cfg.data_files), ctx.seed, cfg.heldout_fraction)
+        write_jsonl(rejects_path, rejects)
+        check_rejects(rejects, lines, cfg.max_rejects_fraction, rejects_path)
+        return records, {"records_read": lines, "rejects": len(rejects)}
+    write_jsonl(rejects_path, [])
+    docs = read_corpus(ctx.input_path("curate", "corpus"))
+    records = build_instructions(docs, ctx.seed, cfg.heldout_fraction, chat_char_budget(max_length))
+    return records, {"records_read": len(records), "rejects": 0}
+
+
+def load_for_training(path: Path, cfg: SFTConfig, device: torch.device) -> PreTrainedModel:
+    """Return the HF checkpoint at `path` on `device`, ready to train (gradient checkpointing per cfg).
+
+    Weights are fp32, except a LoRA base on CUDA with bf16, which is frozen
+    and kept in bf16 (half the memory; peft keeps the adapter in fp32).
+    """
+    bf16_base = cfg.mode == "lora" and cfg.bf16 and device.type == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.bfloat16 if bf16_base else torch.float32, local_files_only=True
+    ).to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.eval()
+
+
 def add_lora(model: PreTrainedModel, cfg: SFTConfig) -> PeftModel:
-    """Return `model` wrapped with a fresh LoRA adapter (only the adapter is trainable)."""
+    """Return `model` wrapped with a fresh LoRA (DoRA with cfg.use_dora) adapter; only the adapter is trainable."""
     lora = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_modules),
+        use_dora=bool(cfg.use_dora),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
 
 
-def train_lora(model: PeftModel, examples: list[dict], pad_id: int, cfg: SFTConfig, seed: int) -> list[float]:
-    """Train the adapter of `model` for cfg.max_steps AdamW steps; return the loss of each step.
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """Return bf16 autocast on CUDA when asked, else a no-op (CPU trains in fp32: bf16 is slow there)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
-    Batches are drawn by a seeded permutation of `examples` (re-drawn each
-    epoch); the loss is the model's mean cross-entropy over labelled tokens.
-    Linear warmup, then linear decay to zero.
+
+@torch.no_grad()
+def heldout_loss(model: PreTrainedModel, rows: list[dict], pad_id: int, cfg: SFTConfig) -> tuple[float, int]:
+    """Return (token-weighted mean NLL, scored tokens) of `rows` (from hf_lm.pack_examples) in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for s in tqdm(range(0, len(rows), cfg.batch_size), desc="held-out loss", leave=False):
+        with autocast(device, cfg.bf16):
+            nll, n = hf_lm.forward_nll(model, hf_lm.collate_rows(rows[s : s + cfg.batch_size], pad_id))
+        total, count = total + nll.item(), count + n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no scored tokens: every held-out chat is empty or fully masked")
+    return total / count, count
+
+
+def fine_tune(
+    model: PreTrainedModel, rows: list[dict], val_rows: list[dict], pad_id: int, cfg: SFTConfig, seed: int
+) -> dict:
+    """Train the trainable weights of `model` for cfg.max_steps AdamW steps; return the log.
+
+    Log: {"train": [loss of each step], "val": [(step, held-out loss)] every
+    cfg.eval_every steps and at the last, "step_time_s": mean seconds per step}.
+    A step is grad_accum_steps micro-batches of batch_size rows drawn by a
+    seeded permutation of `rows` (re-drawn each epoch); its loss is the mean
+    cross-entropy over all labelled tokens of the step. Linear warmup, then
+    linear decay to zero; gradients clipped to norm 1.
     """
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     warmup, total = max(cfg.warmup_steps, 1), max(cfg.max_steps, 1)
@@ -64,38 +154,89 @@ def train_lora(model: PeftModel, examples: list[dict], pad_id: int, cfg: SFTConf
     )
     rng = random.Random(seed)
     order: list[int] = []
-    losses = []
+    log: dict = {"train": [], "val": []}
+    step_seconds = 0.0
     model.train()
-    for _ in tqdm(range(cfg.max_steps), desc="sft (LoRA)"):
-        if len(order) < cfg.batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        batch = hf_lm.pad_batch([examples[i] for i in picked], pad_id)
-        loss = model(**batch).loss  # mean NLL over tokens with a label
+    for step in tqdm(range(1, cfg.max_steps + 1), desc=f"sft ({cfg.mode})"):
+        started = time.perf_counter()
+        micro = []
+        for _ in range(cfg.grad_accum_steps):
+            if len(order) < cfg.batch_size:
+                order += rng.sample(range(len(rows)), len(rows))
+            picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
+            micro.append(hf_lm.collate_rows([rows[i] for i in picked], pad_id))
+        step_tokens = sum(int((b["labels"][:, 1:] != hf_lm.IGNORE).sum()) for b in micro)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = 0.0
+        for batch in micro:
+            with autocast(device, cfg.bf16):
+                nll, _ = hf_lm.forward_nll(model, batch)
+            loss = nll / max(step_tokens, 1)  # the step's mean over every labelled token
+            loss.backward()
+            step_loss += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
+        step_seconds += time.perf_counter() - started
+        log["train"].append(step_loss)
+        if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            log["val"].append((step, heldout_loss(model, val_rows, pad_id, cfg)[0]))
     model.eval()
-    return losses
+    log["step_time_s"] = step_seconds / max(cfg.max_steps, 1)
+    return log
+
+
+def plot_loss_curve(log: dict, val_before: float, path: Path) -> Path:
+    """Draw train loss per step and held-out loss (step 0 = before tuning) to a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(log["train"]) + 1), log["train"], label="train", linewidth=1)
+    ax.plot(*zip(*([(0, val_before)] + log["val"])), "o-", label="held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss on answer tokens (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SFTConfig, out_dir: Path
+) -> dict[str, str]:
+    """Save hf/ (LoRA merged into the base, or the fully tuned model) and, for LoRA, adapter/; return the roles."""
+    outputs = {}
+    if cfg.mode == "lora":
+        model.save_pretrained(out_dir / "adapter")
+        outputs["adapter"] = "adapter"
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir / "hf")
+    tokenizer.save_pretrained(out_dir / "hf")
+    return {"hf": "hf"} | outputs
 
 
 def run(ctx: StageContext) -> StageResult:
-    """Build instructions, LoRA-tune the pretrain checkpoint, save adapter/ and merged hf/."""
-    cfg: SFTConfig = ctx.config
+    """Read or build instructions, fine-tune the pretrain checkpoint, save hf/ (and adapter/ for LoRA)."""
+    cfg = resolve_config(ctx.config)
+    (ctx.out_dir / "sft_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     started = time.time()
     torch.manual_seed(ctx.seed)
-    docs = read_corpus(ctx.input_path("curate", "corpus"))
-    model, tokenizer = hf_lm.load_causal_lm(ctx.input_path("pretrain", "hf"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base_path = ctx.input_path("pretrain", "hf")
+    model = load_for_training(base_path, cfg, device)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_path), local_files_only=True)
     max_length = hf_lm.context_length(model, cfg.max_length)
-    built = build_instructions(docs, ctx.seed, cfg.heldout_fraction, chat_char_budget(max_length))
-    fitting = [r for r in built if hf_lm.prompt_fits(tokenizer, r["messages"][:-1], max_length)]
+    records, counts = load_records(ctx, cfg, max_length)
+    fitting = [r for r in records if hf_lm.prompt_fits(tokenizer, r["messages"][:-1], max_length)]
     train, val = select_examples(fitting, cfg, ctx.seed)
     if not train or not val:
         raise ValueError(
-            f"sft needs training and held-out instructions; the corpus ({len(docs)} documents) gave "
+            f"sft needs training and held-out instructions; {counts['records_read']} records gave "
             f"{len(train)} train and {len(val)} held-out whose prompt fits {max_length} tokens"
         )
     write_jsonl(ctx.out_dir / "instructions.jsonl", train + val)  # exactly what is used
@@ -103,26 +244,36 @@ def run(ctx: StageContext) -> StageResult:
         split: [hf_lm.encode_chat(tokenizer, r["messages"], max_length) for r in records]
         for split, records in (("train", train), ("val", val))
     }
+    rows = hf_lm.pack_examples(encoded["train"], max_length, cfg.packing)
+    val_rows = hf_lm.pack_examples(encoded["val"], max_length, False)  # one chat a row: packing changes no loss
     pad_id = tokenizer.pad_token_id
-    val_before, val_tokens = hf_lm.mean_nll(model, encoded["val"], pad_id, cfg.batch_size, desc="held-out loss")
+    val_before, val_tokens = heldout_loss(model, val_rows, pad_id, cfg)
 
-    model = add_lora(model, cfg)
-    trainable, total = model.get_nb_trainable_parameters()
+    if cfg.mode == "lora":
+        model = add_lora(model, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     train_started = time.time()
-    losses = train_lora(model, encoded["train"], pad_id, cfg, ctx.seed)
+    log = fine_tune(model, rows, val_rows, pad_id, cfg, ctx.seed)
     train_time = time.time() - train_started
-    val_after, _ = hf_lm.mean_nll(model, encoded["val"], pad_id, cfg.batch_size, desc="held-out loss")
-
-    model.save_pretrained(ctx.out_dir / "adapter")
-    merged = model.merge_and_unload()
-    merged.save_pretrained(ctx.out_dir / "hf")
-    tokenizer.save_pretrained(ctx.out_dir / "hf")
-
+    val_after = log["val"][-1][1] if log["val"] else val_before
+    outputs = save_model(model, tokenizer, cfg, ctx.out_dir)
+    plot_loss_curve(log, val_before, ctx.out_dir / "loss_curve.png")
+    losses = log["train"]
+    train_tokens = sum(len(r["input_ids"]) for r in rows)
     metrics = {
-        "instructions_built": len(built),
-        "dropped_prompt_too_long": len(built) - len(fitting),
+        "recipe": cfg.recipe,
+        "mode": cfg.mode,
+        "use_dora": bool(cfg.use_dora and cfg.mode == "lora"),
+        "packing": bool(cfg.packing),
+        "records_read": counts["records_read"],
+        "rejects": counts["rejects"],
+        "instructions_built": len(records),
+        "dropped_prompt_too_long": len(records) - len(fitting),
         "max_length": max_length,
         "train_examples": len(encoded["train"]),
+        "train_rows": len(rows),
+        "row_fill": round(train_tokens / (len(rows) * max_length), 4),  # tokens / (rows x max_length)
         "val_examples": len(encoded["val"]),
         "val_tokens": val_tokens,
         "val_loss_before": round(val_before, 4),
@@ -134,29 +285,41 @@ def run(ctx: StageContext) -> StageResult:
         "trainable_params": trainable,
         "total_params": total,
         "trainable_fraction": round(trainable / total, 5),
+        "step_time_s": round(log["step_time_s"], 4),
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.time() - started, 2),
     }
     _print_summary(metrics)
     return StageResult(
-        outputs={"hf": "hf", "adapter": "adapter", "instructions": "instructions.jsonl"},
+        outputs=outputs
+        | {
+            "instructions": "instructions.jsonl",
+            "rejects": "rejects/rejects.jsonl",
+            "loss_curve": "loss_curve.png",
+            "config": "sft_config.json",
+        },
         metrics=metrics,
     )
 
 
 def _print_summary(metrics: dict) -> None:
     """Print the stage's key figures as a rich table."""
-    table = Table(title="sft (LoRA, merged)")
+    merged = ", merged" if metrics["mode"] == "lora" else ""
+    table = Table(title=f"sft ({metrics['recipe']}: {metrics['mode']}{merged})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in (
+        "records_read",
+        "rejects",
         "train_examples",
+        "train_rows",
         "val_examples",
         "steps",
         "val_loss_before",
         "val_loss_after",
         "trainable_params",
         "trainable_fraction",
+        "step_time_s",
         "train_time_s",
     ):
         table.add_row(key, str(metrics[key]))

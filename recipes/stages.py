@@ -46,20 +46,38 @@ class PretrainConfig:
 
 @dataclasses.dataclass
 class SFTConfig:
-    """Settings of the `sft` stage (LoRA merged back into the base weights)."""
+    """Settings of the `sft` stage: LoRA (merged back into the base weights) or full fine-tuning.
 
-    max_steps: int = 100
+    `recipe` names a set of defaults in recipes.sft_recipes (tiny, llama3_8b_lora,
+    llama3_8b_full); every field left at None takes the recipe's value, a field
+    that is set (by a preset or `sft.x=` on the command line) keeps its own.
+    """
+
+    recipe: str = "tiny"
+    mode: str | None = None  # lora | full
+    # data
+    data_files: tuple[str, ...] = ()  # JSONL of {"messages"} or {"instruction","input","output"}; () = from the corpus
+    max_rejects_fraction: float = 0.1  # malformed records / records read above this fail the stage
     max_examples: int = 0  # training examples used; 0 = all
-    eval_examples: int = 32  # held-out examples scored before and after
-    heldout_fraction: float = 0.1  # share of documents whose example is held out
-    batch_size: int = 8
-    learning_rate: float = 2e-3
-    warmup_steps: int = 5
-    max_length: int = 256  # tokens per chat (capped by the model's positions)
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    eval_examples: int = 32  # held-out examples scored before, during and after
+    heldout_fraction: float = 0.1  # share of documents (or of data_files records without a split) held out
+    max_length: int | None = None  # tokens per chat, and per packed row (capped by the model's positions)
+    packing: bool | None = None  # pack several chats per row (attention stays within each chat)
+    # optimisation
+    max_steps: int | None = None
+    batch_size: int | None = None  # rows per micro-batch (chats, or packed rows with packing)
+    grad_accum_steps: int | None = None  # micro-batches per optimizer step
+    learning_rate: float | None = None
+    warmup_steps: int | None = None
+    eval_every: int | None = None  # steps between held-out losses on the loss curve; 0 = start and end only
+    bf16: bool | None = None  # on CUDA: bf16 autocast (and a bf16 frozen base with LoRA); CPU trains in fp32
+    gradient_checkpointing: bool | None = None
+    # LoRA / DoRA
+    lora_rank: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    target_modules: tuple[str, ...] | None = None
+    use_dora: bool | None = None  # weight-decomposed LoRA (peft's DoRA)
 
 
 @dataclasses.dataclass
@@ -69,7 +87,9 @@ class EvaluateConfig:
     max_batches: int = 20  # held-out batches scored per model; 0 = all
     max_new_tokens: int = 32
     batch_size: int = 8
-    max_length: int = 256  # tokens per held-out document (capped by the model's positions)
+    max_length: int = 256  # tokens per held-out document, chat or prompt (capped by the model's positions)
+    prompt_items: int = 64  # multiple-choice items built from the held-out documents; 0 = no prompting evaluation
+    few_shot: int = 2  # solved items shown before each item by the few_shot template
     prompts: tuple[str, ...] = (
         "Continue this text:\nThe \"for\" statement is used to iterate over the elements of a sequence.",
         "What comes next?\nA function definition defines a user-defined function object.",
@@ -80,10 +100,10 @@ class EvaluateConfig:
 STAGES = {
     "pretrain": Stage("pretrain", PretrainConfig, "recipes.pretrain:run", inputs=("tokenize",),
                       key_metrics=("params", "val_loss", "unigram_val_loss", "val_ppl", "tokens_per_s")),
-    "sft": Stage("sft", SFTConfig, "recipes.sft:run", inputs=("curate", "pretrain"),
-                 key_metrics=("val_loss_before", "val_loss_after", "trainable_fraction", "steps")),
+    "sft": Stage("sft", SFTConfig, "recipes.sft:run", inputs=("curate", "pretrain"), path_fields=("data_files",),
+                 key_metrics=("mode", "val_loss_before", "val_loss_after", "trainable_fraction", "steps")),
     "evaluate": Stage(
         "evaluate", EvaluateConfig, "recipes.evaluate:run", inputs=("tokenize", "pretrain", "sft", "align"),
-        key_metrics=("pretrain_ppl", "sft_ppl", "align_ppl"),
+        key_metrics=("pretrain_ppl", "sft_ppl", "align_ppl", "pretrain_acc_few_shot", "sft_acc_few_shot"),
     ),
 }

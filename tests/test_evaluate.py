@@ -1,4 +1,5 @@
-"""The evaluate stage: perplexity against a hand computation, greedy KV-cache sampling, the stage run."""
+"""The evaluate stage: perplexity against a hand computation, greedy KV-cache sampling, prompting accuracy
+(shared-prompt scoring against separate sequences, a planted task), the stage run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
-from recipes import hf_lm
+from recipes import hf_lm, prompt_eval
+from recipes.instructions import build_instructions, split_sentences, write_jsonl
 from tiny_lm import build_model, build_tokenizer, doc_paragraphs, save_hf, write_upstream
 
 torch.set_num_threads(1)
@@ -79,35 +81,120 @@ def test_greedy_reply_equals_a_greedy_loop_without_cache(model, tokenizer):
     assert reply  # a random model rarely says eos first; an empty reply would make this check vacuous
 
 
+def test_items_offer_the_true_next_sentence_among_other_documents():
+    docs = doc_paragraphs()[:60]
+    items = prompt_eval.build_items(docs, seed=3, max_items=24)
+    assert len(items) == 24 and items == prompt_eval.build_items(docs, seed=3, max_items=24)
+    assert len({it["answer"] for it in items}) > 2  # the true option moves around
+    text = {d["id"]: " ".join(split_sentences(d["text"])) for d in docs}
+    for it in items:
+        doc = it["id"].rsplit("@", 1)[0]
+        assert len(it["options"]) == prompt_eval.CHOICES == len(set(it["options"]))
+        assert (it["context"] + " " + it["options"][it["answer"]]) in text[doc]
+        for k, option in enumerate(it["options"]):
+            if k != it["answer"]:
+                assert option not in text[doc] and any(option in t for t in text.values())
+
+
+def test_shared_prompt_scores_equal_separate_sequences(model, tokenizer):
+    items = prompt_eval.build_items(doc_paragraphs()[:40], seed=1, max_items=5)
+    prompts, options = [], []
+    for i, it in enumerate(items):
+        prompt = prompt_eval.render(it, "few_shot", prompt_eval.pick_shots(items, i, 2, seed=0))
+        p, o = prompt_eval.encode_choices(tokenizer, prompt, it["options"], 512)
+        prompts.append(p)
+        options.append(o)
+    fast = hf_lm.choice_logprobs(model, prompts, options, tokenizer.pad_token_id, batch_size=2)
+    for p, opts, scores in zip(prompts, options, fast):
+        for o, score in zip(opts, scores):
+            # peer: transformers' own loss over the option tokens of prompt + option as one sequence
+            with torch.no_grad():
+                loss = model(input_ids=torch.tensor([p + o]), labels=torch.tensor([[-100] * len(p) + o])).loss
+            assert score == pytest.approx(-loss.item() * len(o), rel=1e-5)
+
+
+def test_prompt_keeps_its_end_when_too_long(tokenizer):
+    (item,) = prompt_eval.build_items(doc_paragraphs()[:40], seed=1, max_items=1)
+    prompt = "filler words " * 200 + prompt_eval.render(item, "zero_shot", [])
+    p, options = prompt_eval.encode_choices(tokenizer, prompt, item["options"], 64)
+    assert len(p) + max(len(o) for o in options) == 64
+    assert tokenizer.decode(p).endswith("Next sentence:")
+
+
+def test_a_model_taught_the_answers_scores_them_all(tokenizer):
+    items = prompt_eval.build_items(doc_paragraphs()[:60], seed=3, max_items=8)
+    model = build_model(tokenizer, hidden=64, seed=1)
+
+    def scores():
+        return {
+            t: prompt_eval.accuracy(model, tokenizer, items, t, shots=2, max_length=512, batch_size=8, seed=0)
+            for t in prompt_eval.TEMPLATES
+        }
+
+    before = scores()
+    solved = [prompt_eval.render(it, "zero_shot", []) + " " + it["options"][it["answer"]] for it in items]
+    batch = hf_lm.pad_batch([hf_lm.encode_document(tokenizer, t, 512) for t in solved], tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    after = scores()
+    for t in prompt_eval.TEMPLATES:
+        assert before[t]["accuracy"] < 1.0
+        assert after[t]["accuracy"] == 1.0 and after[t]["predictions"] == [it["answer"] for it in items]
+
+
 def test_evaluate_stage_through_the_runner(tmp_path, tokenizer):
     run_dir = tmp_path / "run"
-    configs = resolve_configs("smoke")
+    configs = resolve_configs("smoke", ["evaluate.prompt_items=12"])
     (run_dir / "tokenize").mkdir(parents=True)
     heldout = doc_paragraphs()[:40]
     with open(run_dir / "tokenize" / "heldout.jsonl", "w") as f:
         for d in heldout:
             f.write(json.dumps(d) + "\n")
     write_upstream(run_dir, configs, "tokenize", {"heldout": "heldout.jsonl"})
+    chats = build_instructions(doc_paragraphs()[100:160], seed=2, heldout_fraction=0.3, chat_chars=200)
     for seed, name in enumerate(("pretrain", "sft", "align")):
         save_hf(run_dir / name / "hf", build_model(tokenizer, seed=seed), tokenizer)
-        write_upstream(run_dir, configs, name, {"hf": "hf"})
+        outputs = {"hf": "hf"}
+        if name == "sft":
+            write_jsonl(run_dir / "sft" / "instructions.jsonl", chats)
+            outputs["instructions"] = "instructions.jsonl"
+        write_upstream(run_dir, configs, name, outputs)
 
     manifest = execute_stage(str(run_dir), "evaluate", configs_to_json(configs))
 
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    m = manifest["metrics"]
     assert set(report["models"]) == {"pretrain", "sft", "align"}
     assert report["heldout"]["documents"] == 40
     batch = configs["evaluate"].batch_size
     scored = [hf_lm.encode_document(tokenizer, d["text"], 256) for d in heldout[: 2 * batch]]  # smoke: 2 batches
     expected_tokens = sum(len(e["input_ids"]) - 1 for e in scored)
+    val_chats = [c for c in chats if c["split"] == "val"]
+    assert m["heldout_chats"] == len(val_chats) > 0 and m["prompt_items"] == 12
+    items = [json.loads(line) for line in (run_dir / "evaluate" / "prompt_items.jsonl").read_text().splitlines()]
+    assert items == prompt_eval.build_items(heldout, seed=configs["run"].seed, max_items=12)
     ppls = set()
     for name, result in report["models"].items():
         assert result["tokens"] == expected_tokens
         assert result["perplexity"] == pytest.approx(math.exp(result["nll"]))
-        assert manifest["metrics"][f"{name}_ppl"] == round(result["perplexity"], 3)
+        assert m[f"{name}_ppl"] == round(result["perplexity"], 3)
         assert [s["prompt"] for s in result["samples"]] == list(configs["evaluate"].prompts)
+        for template in prompt_eval.TEMPLATES:
+            acc = result["accuracy"][template]
+            assert m[f"{name}_acc_{template}"] == round(acc, 4)
+            assert acc == sum(p == it["answer"] for p, it in zip(result["predictions"][template], items)) / 12
         ppls.add(result["perplexity"])
     assert len(ppls) == 3  # three different models were scored
     sft, sft_tok = hf_lm.load_causal_lm(run_dir / "sft" / "hf")
     first = report["models"]["sft"]["samples"][0]
     assert first["reply"] == hf_lm.greedy_reply(sft, sft_tok, first["prompt"], max_new_tokens=8)
+    # instruction perplexity: the answer tokens of the held-out chats, as the sft stage scores them
+    encoded = [hf_lm.encode_chat(sft_tok, c["messages"], 256) for c in val_chats]
+    nll, tokens = hf_lm.mean_nll(sft, encoded, sft_tok.pad_token_id, batch_size=3)
+    assert report["models"]["sft"]["instructions"]["tokens"] == tokens
+    assert report["models"]["sft"]["instructions"]["nll"] == pytest.approx(nll, rel=1e-5)
+    assert m["sft_instr_ppl"] == round(math.exp(report["models"]["sft"]["instructions"]["nll"]), 3)
