@@ -1,1 +1,1 @@
-"""Alignment: preference data and DPO (later reward models, PPO, GRPO, SteerLM)."""
+"""Alignment: preference data, reward model, DPO/IPO/hinge (TRL), RLHF with PPO and GRPO (ours), SteerLM."""

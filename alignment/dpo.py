@@ -1,54 +1,29 @@
-"""The `align` stage: DPO of the SFT model with TRL's DPOTrainer, the SFT model frozen as reference.
+"""DPO and its relatives (TRL's DPOTrainer loss types: sigmoid = DPO, ipo, hinge, ...) on preference pairs.
 
-Steps: build preference pairs from the curated corpus
-(alignment.preference_data), keep those whose prompt leaves a quarter of the
-model's positions to the answers, score the held-out pairs (implicit rewards
-beta * log pi/pi_ref: all zero before training, by construction), train the
-whole policy with DPO for max_steps, score again, save the policy as an HF
-checkpoint. fp32 and no gradient checkpointing: this runs on CPU.
+The reference is the frozen SFT model: a second copy when the whole policy
+is trained, or, with a LoRA policy, the same model with its adapters
+disabled (TRL does this when it gets a peft_config and no ref_model), so no
+second copy is held. Held-out pairs are scored before and after training
+(implicit rewards beta * log pi/pi_ref: all zero before, by construction).
+fp32 and no gradient checkpointing: this runs on CPU.
 """
 
 from __future__ import annotations
 
-import random
 import shutil
 import time
 from pathlib import Path
 
 from datasets import Dataset
-from rich.console import Console
-from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
 
-from alignment.preference_data import build_pairs
+from alignment.policy import lora_config
 from alignment.stages import AlignConfig
-from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm
-from recipes.instructions import chat_char_budget, read_corpus, write_jsonl
 
-METHODS = ("dpo",)
 # TRL's logged figures kept in the stage metrics (eval_ prefix on held-out scores).
 REWARD_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-
-
-def check_method(cfg: AlignConfig) -> None:
-    """Raise ValueError unless cfg.method is an alignment method this stage implements."""
-    if cfg.method not in METHODS:
-        raise ValueError(
-            f"align.method={cfg.method!r} is not implemented; available: {', '.join(METHODS)} "
-            "(reward models, PPO, GRPO and SteerLM are planned, not built)"
-        )
-
-
-def select_pairs(records: list[dict], cfg: AlignConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """Return (train, val) pairs: train shuffled by `seed` and capped by max_pairs, val capped by eval_pairs."""
-    train = [r for r in records if r["split"] == "train"]
-    val = [r for r in records if r["split"] == "val"]
-    random.Random(seed).shuffle(train)
-    if cfg.max_pairs:
-        train = train[: cfg.max_pairs]
-    return train, val[: cfg.eval_pairs]
 
 
 def _as_dataset(pairs: list[dict]) -> Dataset:
@@ -58,7 +33,7 @@ def _as_dataset(pairs: list[dict]) -> Dataset:
 
 def make_trainer(
     policy: PreTrainedModel,
-    reference: PreTrainedModel,
+    reference: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase,
     train: list[dict],
     val: list[dict],
@@ -68,9 +43,13 @@ def make_trainer(
 ) -> DPOTrainer:
     """Return a DPOTrainer of `policy` against the frozen `reference` on conversational pairs.
 
-    The held-out pairs are scored in a single batch, so TRL's logged eval
-    figures are exact means over them.
+    With cfg.lora the trainer wraps `policy` in a fresh LoRA adapter and
+    `reference` must be None: the reference is the policy with adapters
+    disabled. The held-out pairs are scored in a single batch, so TRL's
+    logged eval figures are exact means over them.
     """
+    if cfg.lora != (reference is None):
+        raise ValueError("DPO takes a reference model exactly when the policy is not a LoRA (cfg.lora=False)")
     args = DPOConfig(
         output_dir=str(work_dir),
         max_steps=cfg.max_steps,
@@ -94,14 +73,16 @@ def make_trainer(
         data_seed=seed,
         dataloader_num_workers=0,
     )
-    reference.requires_grad_(False)
+    if reference is not None:
+        reference.requires_grad_(False).eval()
     return DPOTrainer(
         model=policy,
-        ref_model=reference.eval(),
+        ref_model=reference,
         args=args,
         train_dataset=_as_dataset(train),
         eval_dataset=_as_dataset(val),
         processing_class=tokenizer,
+        peft_config=lora_config(cfg.lora_rank, cfg.lora_alpha) if cfg.lora else None,
     )
 
 
@@ -119,66 +100,35 @@ def last_train_log(trainer: DPOTrainer) -> dict[str, float]:
     return {}
 
 
-def run(ctx: StageContext) -> StageResult:
-    """Build preference pairs, DPO-train the SFT model against its frozen copy, save hf/."""
-    cfg: AlignConfig = ctx.config
-    check_method(cfg)
-    started = time.time()
-    docs = read_corpus(ctx.input_path("curate", "corpus"))
-    sft_path = ctx.input_path("sft", "hf")
-    policy, tokenizer = hf_lm.load_causal_lm(sft_path)
-    reference, _ = hf_lm.load_causal_lm(sft_path)
-    max_length = hf_lm.context_length(policy, cfg.max_length)
-    built = build_pairs(docs, ctx.seed, cfg.heldout_fraction, cfg.rejected, chat_char_budget(max_length))
-    fitting = [p for p in built if hf_lm.prompt_fits(tokenizer, p["prompt"], max_length)]
-    train_pairs, val_pairs = select_pairs(fitting, cfg, ctx.seed)
-    if not train_pairs or not val_pairs:
-        raise ValueError(
-            f"align needs training and held-out pairs; the corpus ({len(docs)} documents) gave "
-            f"{len(train_pairs)} train and {len(val_pairs)} held-out whose prompt fits {max_length} tokens"
-        )
-    write_jsonl(ctx.out_dir / "pairs.jsonl", train_pairs + val_pairs)  # exactly what is used
-    work_dir = ctx.out_dir / "trainer"
-    trainer = make_trainer(policy, reference, tokenizer, train_pairs, val_pairs, cfg, ctx.seed, work_dir)
+def train_dpo(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[dict],
+    val: list[dict],
+    cfg: AlignConfig,
+    seed: int,
+    work_dir: Path,
+) -> tuple[PreTrainedModel, dict]:
+    """DPO-train `policy`; return (the trained policy, a PeftModel with cfg.lora, and the DPO metrics).
+
+    Metrics: TRL's held-out figures before and after (val_<key>_before/after),
+    the last logged training figures (train_<key>_last), steps, train time.
+    """
+    trainer = make_trainer(policy, reference, tokenizer, train, val, cfg, seed, work_dir)
     before = held_out_scores(trainer)
-    train_started = time.time()
+    started = time.time()
     trainer.train()
-    train_time = time.time() - train_started
+    train_time = time.time() - started
     after = held_out_scores(trainer)
     train_last = last_train_log(trainer)
     shutil.rmtree(work_dir, ignore_errors=True)
-
-    policy.save_pretrained(ctx.out_dir / "hf")
-    tokenizer.save_pretrained(ctx.out_dir / "hf")
-
     metrics = {
-        "method": cfg.method,
         "loss_type": cfg.loss_type,
-        "pairs_built": len(built),
-        "dropped_prompt_too_long": len(built) - len(fitting),
-        "train_pairs": len(train_pairs),
-        "val_pairs": len(val_pairs),
-        "max_length": max_length,  # TRL keeps the start of prompt + answer within it
         "steps": trainer.state.global_step,
         **{f"val_{k.replace('/', '_')}_before": v for k, v in before.items()},
         **{f"val_{k.replace('/', '_')}_after": v for k, v in after.items()},
         **{f"train_{k.replace('/', '_')}_last": v for k, v in train_last.items()},
         "train_time_s": round(train_time, 2),
-        "wall_time_s": round(time.time() - started, 2),
     }
-    _print_summary(before, after, metrics)
-    return StageResult(outputs={"hf": "hf", "pairs": "pairs.jsonl"}, metrics=metrics)
-
-
-def _print_summary(before: dict, after: dict, metrics: dict) -> None:
-    """Print held-out DPO figures before/after as a rich table."""
-    table = Table(
-        title=f"align ({metrics['method']}, {metrics['loss_type']}): "
-        f"{metrics['steps']} steps, {metrics['train_pairs']} pairs, {metrics['val_pairs']} held out"
-    )
-    table.add_column("held-out")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    for key in REWARD_KEYS:
-        table.add_row(key, f"{before[key]:.4f}", f"{after[key]:.4f}")
-    Console().print(table)
+    return trainer.model, metrics

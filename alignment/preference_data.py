@@ -5,6 +5,11 @@ The prompt asks to continue a passage (the same chats as recipes.instructions);
 its words shuffled ("shuffled") or the continuation of another document
 ("unrelated"). Pairs are in TRL's conversational preference format, seeded,
 with a held-out split decided per document.
+
+User files hold one pair a line, in text form {"prompt": str, "chosen": str,
+"rejected": str} or chat form (prompt a list of messages, chosen/rejected a
+list of one assistant message), with optional "id" and "split"; a pair
+without a split is held out by the same seeded hash of its id.
 """
 
 from __future__ import annotations
@@ -79,6 +84,47 @@ def check_pair(record: object, where: str) -> None:
         raise ValueError(f"{where}: 'prompt' must not end with an assistant message")
     if record["chosen"] == record["rejected"]:
         raise ValueError(f"{where}: 'chosen' and 'rejected' are the same answer")
+
+
+def as_chat_pair(record: object, where: str, default_id: str, seed: int, heldout_fraction: float) -> dict:
+    """Return a user's pair (text or chat form) as a checked preference record; ValueError prefixed by `where`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a preference pair must be a JSON object")
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(repr(k) for k in missing)}")
+    pair_id = record.get("id", default_id)
+    if not isinstance(pair_id, str):
+        raise ValueError(f"{where}: 'id' must be a string")
+    prompt = record["prompt"]
+    converted = {
+        "id": pair_id,
+        "split": record.get("split", "val" if is_heldout(pair_id, seed, heldout_fraction) else "train"),
+        "prompt": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
+    }
+    for key in ("chosen", "rejected"):
+        answer = record[key]
+        converted[key] = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
+    check_pair(converted, where)
+    return converted
+
+
+def read_user_pairs(paths: list[str], seed: int, heldout_fraction: float) -> list[dict]:
+    """Return the preference records of the user's JSONL files (text or chat form), in file order.
+
+    A pair without an id gets "<file stem>-<index in its file>". Raises
+    ValueError naming file and line of the first malformed pair.
+    """
+    pairs: list[dict] = []
+    for path in paths:
+        stem, start = Path(path).stem, len(pairs)
+
+        def convert(record: object, where: str) -> None:
+            default_id = f"{stem}-{len(pairs) - start}"
+            pairs.append(as_chat_pair(record, where, default_id, seed, heldout_fraction))
+
+        read_jsonl(Path(path), convert)
+    return pairs
 
 
 def read_pairs(path: Path) -> list[dict]:

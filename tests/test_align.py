@@ -1,4 +1,5 @@
-"""The align stage: preference pairs, TRL's DPO loss against a hand computation, learning, the stage run."""
+"""The align stage: preference pairs (built and user files), TRL's DPO losses against hand computations,
+the LoRA reference, learning, the stage run (dpo; tests/test_rlhf.py and test_steerlm.py run the others)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from alignment.dpo import held_out_scores, make_trainer
-from alignment.preference_data import build_pairs, read_pairs
+from alignment.preference_data import build_pairs, read_pairs, read_user_pairs
 from alignment.stages import AlignConfig
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
@@ -75,6 +76,48 @@ def test_malformed_pairs_are_rejected(docs, tmp_path, change, message):
         read_pairs(path)
 
 
+def test_user_pairs_in_text_and_chat_form(tmp_path):
+    text = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."}
+    chat = {
+        "id": "c1",
+        "split": "val",
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}],
+        "chosen": [{"role": "assistant", "content": "Apple."}],
+        "rejected": [{"role": "assistant", "content": "Tuesday."}],
+    }
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps(text) + "\n\n" + json.dumps(chat) + "\n")
+    first, second = read_user_pairs([str(path)], seed=0, heldout_fraction=0.0)
+    assert first == {
+        "id": "prefs-0",
+        "split": "train",
+        "prompt": [{"role": "user", "content": "Name a colour."}],
+        "chosen": [{"role": "assistant", "content": "Blue."}],
+        "rejected": [{"role": "assistant", "content": "Seven."}],
+    }
+    assert second == chat
+    assert read_user_pairs([str(path)], seed=0, heldout_fraction=1.0)[0]["split"] == "val"
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("not json", "not JSON"),
+        ('{"prompt": "p", "chosen": "a"}', "missing 'rejected'"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "a"}', "the same answer"),
+        ('{"prompt": "p", "chosen": "", "rejected": "b"}', "non-empty string 'content'"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "split": "test"}', "'split' must be one of"),
+        ('{"prompt": "p", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}', "last message must be"),
+    ],
+)
+def test_malformed_user_pairs_name_their_line(tmp_path, line, message):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message) as err:
+        read_user_pairs([str(path)], 0, 0.1)
+    assert f"{path}:2" in str(err.value)
+
+
 def sequence_logp(model, prompt_ids: list[int], full_ids: list[int]) -> torch.Tensor:
     """Sum of log p(token) over the completion tokens full_ids[len(prompt_ids):], one unpadded forward."""
     with torch.no_grad():
@@ -83,9 +126,20 @@ def sequence_logp(model, prompt_ids: list[int], full_ids: list[int]) -> torch.Te
     return sum(logp[t - 1, full_ids[t]] for t in range(len(prompt_ids), len(full_ids)))
 
 
-def test_trl_dpo_loss_equals_hand_computation(tokenizer, docs, tmp_path):
+def hand_dpo_loss(loss_type: str, beta: float, chosen: torch.Tensor, rejected: torch.Tensor, lengths) -> torch.Tensor:
+    """The per-pair losses of the papers from log-ratio sums log pi/pi_ref of chosen and rejected answers."""
+    if loss_type == "sigmoid":  # DPO (Rafailov et al.)
+        return -F.logsigmoid(beta * (chosen - rejected))
+    if loss_type == "hinge":  # SLiC
+        return torch.relu(1 - beta * (chosen - rejected))
+    # IPO (Azar et al., eq. 17) on per-token log-ratios, with tau = beta
+    return (chosen / lengths[0] - rejected / lengths[1] - 1 / (2 * beta)) ** 2
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_trl_dpo_losses_equal_hand_computation(tokenizer, docs, tmp_path, loss_type):
     pairs = build_pairs(docs[:40], 2, 0.0, "shuffled", 320)[:3]
-    cfg = AlignConfig(beta=0.3, max_length=512)
+    cfg = AlignConfig(beta=0.3, max_length=512, loss_type=loss_type)
     policy, reference = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
     trainer = make_trainer(policy, reference, tokenizer, pairs, pairs[:1], cfg, 0, tmp_path / "trainer")
     features = [trainer.train_dataset[i] for i in range(len(pairs))]
@@ -98,13 +152,39 @@ def test_trl_dpo_loss_equals_hand_computation(tokenizer, docs, tmp_path):
         rejected = hf_lm.chat_ids(tokenizer, pair["prompt"] + pair["rejected"])
         # TRL tokenizes the pairs as our chat encoding does.
         assert feature["prompt_ids"] == prompt and prompt + feature["chosen_ids"] == chosen
-        margin = (sequence_logp(policy, prompt, chosen) - sequence_logp(reference, prompt, chosen)) - (
-            sequence_logp(policy, prompt, rejected) - sequence_logp(reference, prompt, rejected)
-        )
-        losses.append(-F.logsigmoid(cfg.beta * margin))
+        chosen_ratio = sequence_logp(policy, prompt, chosen) - sequence_logp(reference, prompt, chosen)
+        rejected_ratio = sequence_logp(policy, prompt, rejected) - sequence_logp(reference, prompt, rejected)
+        lengths = (len(chosen) - len(prompt), len(rejected) - len(prompt))
+        losses.append(hand_dpo_loss(loss_type, cfg.beta, chosen_ratio, rejected_ratio, lengths))
     hand_loss = torch.stack(losses).mean().item()
-    assert abs(hand_loss - 0.6931) > 1e-3  # policy and reference differ, so the check is not vacuous
-    assert trl_loss == pytest.approx(hand_loss, abs=1e-5)
+    untrained = hand_dpo_loss(loss_type, cfg.beta, torch.tensor(0.0), torch.tensor(0.0), (1, 1)).item()
+    assert abs(hand_loss - untrained) > 1e-3  # policy and reference differ, so the check is not vacuous
+    assert trl_loss == pytest.approx(hand_loss, rel=1e-5, abs=1e-5)
+
+
+def test_lora_dpo_reference_is_the_base_with_adapters_disabled(tokenizer, docs, tmp_path):
+    train, val = split(build_pairs(docs[:300], 5, 0.2, "shuffled", 320))
+    cfg = AlignConfig(max_steps=8, batch_size=4, learning_rate=5e-3, warmup_steps=1, max_length=128, lora=True)
+    base = build_model(tokenizer)
+    original = {n: p.clone() for n, p in base.state_dict().items()}
+    with pytest.raises(ValueError, match="reference model exactly when"):
+        make_trainer(base, build_model(tokenizer), tokenizer, train, val[:8], cfg, 0, tmp_path / "t")
+    trainer = make_trainer(base, None, tokenizer, train, val[:8], cfg, 0, tmp_path / "trainer")
+    assert trainer.ref_model is None  # no second copy of the model
+    before = held_out_scores(trainer)
+    assert before["loss"] == pytest.approx(0.6931, abs=1e-4)  # fresh adapter: policy == reference
+    trainer.train()
+    after = held_out_scores(trainer)
+    assert after["rewards/margins"] != 0.0
+    policy = trainer.model
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with policy.disable_adapter():  # the reference: the untouched base weights
+        untouched = build_model(tokenizer)
+        untouched.load_state_dict(original)
+        ids = torch.tensor([hf_lm.chat_ids(tokenizer, val[0]["prompt"] + val[0]["chosen"])])
+        assert torch.allclose(policy(input_ids=ids).logits, untouched(input_ids=ids).logits, atol=1e-6)
+    assert not torch.allclose(policy(input_ids=ids).logits, untouched(input_ids=ids).logits, atol=1e-4)
 
 
 def test_planted_preference_is_learned(tokenizer, docs, tmp_path):
@@ -130,14 +210,19 @@ def stage_inputs(run_dir, configs, tokenizer, docs):
 
 def test_align_stage_through_the_runner(tmp_path, tokenizer, docs):
     run_dir = tmp_path / "run"
-    configs = resolve_configs("smoke", ["align.learning_rate=1e-3"])
+    configs = resolve_configs("smoke", ["align.learning_rate=1e-3", "align.rm_steps=20", "align.judge_prompts=8"])
     stage_inputs(run_dir, configs, tokenizer, docs)
 
     manifest = execute_stage(str(run_dir), "align", configs_to_json(configs))
 
     out = run_dir / "align"
-    assert set(manifest["outputs"]) == {"hf", "pairs"}
+    assert set(manifest["outputs"]) == {"hf", "pairs", "reward_model"}
     m = manifest["metrics"]
+    assert m["method"] == "dpo" and m["rm_steps"] == 20 and 0.0 <= m["rm_val_accuracy"] <= 1.0
+    assert m["judge_prompts"] == min(8, m["val_pairs"]) and 0.0 <= m["win_rate_vs_sft"] <= 1.0
+    assert m["kl_from_reference"] != 0.0 and m["max_new_tokens"] == 16  # a quarter of the micro model's 64 positions
+    reward_model = AutoModelForSequenceClassification.from_pretrained(out / "reward_model", dtype=torch.float32)
+    assert reward_model.config.num_labels == 1 and (out / "reward_model" / "model.safetensors").is_file()
     assert m["steps"] == 5 and m["train_pairs"] == 32 and m["val_pairs"] > 0
     assert m["val_rewards_accuracies_before"] == 0.0 and m["val_loss_before"] == pytest.approx(0.6931, abs=1e-4)
     assert m["val_rewards_margins_after"] != 0.0
@@ -155,9 +240,35 @@ def test_align_stage_through_the_runner(tmp_path, tokenizer, docs):
     assert (out / "hf" / "tokenizer_config.json").is_file()
 
 
-def test_align_fails_clearly_for_other_methods(tmp_path, tokenizer, docs):
+def test_lora_dpo_on_user_pairs_through_the_runner(tmp_path, tokenizer, docs):
+    pairs = build_pairs(docs[:400], 7, 0.2, "shuffled", 96)
+    user_file = write_jsonl(
+        tmp_path / "prefs.jsonl",
+        [{"prompt": p["prompt"][0]["content"], "chosen": p["chosen"][0]["content"],
+          "rejected": p["rejected"][0]["content"]} for p in pairs],  # text form, no ids or splits
+    )
     run_dir = tmp_path / "run"
-    configs = resolve_configs("smoke", ["align.method=ppo"])
+    overrides = ["align.lora=true", f"align.pairs_files={user_file}", "align.rm_steps=5", "align.judge_prompts=4",
+                 "align.learning_rate=1e-3"]
+    configs = resolve_configs("smoke", overrides)
     stage_inputs(run_dir, configs, tokenizer, docs)
-    with pytest.raises(ValueError, match=r"align.method='ppo' is not implemented; available: dpo"):
+
+    manifest = execute_stage(str(run_dir), "align", configs_to_json(configs))
+
+    out, m = run_dir / "align", manifest["metrics"]
+    assert set(manifest["outputs"]) == {"hf", "pairs", "reward_model", "adapter"}
+    assert m["lora"] and m["pairs_built"] == len(pairs) and m["val_loss_before"] == pytest.approx(0.6931, abs=1e-4)
+    used = read_pairs(out / "pairs.jsonl")
+    assert {p["chosen"][0]["content"] for p in used} <= {p["chosen"][0]["content"] for p in pairs}
+    assert all(p["id"].startswith("prefs-") for p in used)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+    assert not any("lora" in n for n in merged.state_dict())  # a plain Llama checkpoint, adapter merged
+
+
+def test_align_fails_clearly_for_unknown_methods(tmp_path, tokenizer, docs):
+    run_dir = tmp_path / "run"
+    configs = resolve_configs("smoke", ["align.method=rloo"])
+    stage_inputs(run_dir, configs, tokenizer, docs)
+    with pytest.raises(ValueError, match=r"align.method='rloo' is not implemented; available: dpo, ppo, grpo, steerlm"):
         execute_stage(str(run_dir), "align", configs_to_json(configs))

@@ -1,0 +1,125 @@
+"""GRPO (DeepSeekMath): PPO's clipped objective with group-relative advantages and no critic. Our own loop.
+
+Why not TRL's GRPOTrainer: it runs on CPU, but this loop shares its rollouts,
+log-probs, reference (LoRA-disabled or frozen copy) and reward functions with
+our PPO, so the two methods differ only in what the paper says they differ in,
+and the advantage computation is a plain function the tests check by hand.
+
+One iteration: take rollout_size // group_size prompts, sample group_size
+responses to each, score them, normalise each score within its group
+(A = (r - mean_group) / (std_group + eps), the same A on every token of the
+response), then ppo_epochs passes of
+  loss = mean_seq mean_tok [ -min(ratio * A, clip(ratio) * A) + kl_coef * k3(pi, pi_ref) ],
+k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1, an unbiased, positive KL estimate.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from alignment.policy import Reference, generate, response_logprobs
+from alignment.ppo import masked_mean
+from alignment.rewards import RewardFn
+from alignment.stages import AlignConfig
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """Return (N*G,) advantages: each reward minus its group's mean, over the group's std (groups consecutive)."""
+    groups = rewards.view(-1, group_size)  # (N, G)
+    mean = groups.mean(-1, keepdim=True)
+    std = groups.std(-1, keepdim=True)  # unbiased, as in the paper's code and TRL
+    return ((groups - mean) / (std + eps)).view(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Return the per-token KL estimate exp(ref - logp) - (ref - logp) - 1 (>= 0, 0 where equal)."""
+    delta = ref_logprobs - logprobs
+    return torch.exp(delta) - delta - 1
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (GRPO loss, mean per-token k3 KL); log-probs and mask (B, R), advantages (B,).
+
+    Each response's token losses are averaged over its tokens, then over responses.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, R)
+    adv = advantages.unsqueeze(-1)  # (B, 1): one advantage for the whole response
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    kl = k3_kl(logprobs, ref_logprobs)
+    per_token = -surrogate + kl_coef * kl  # (B, R)
+    per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+    return per_sequence.mean(), masked_mean(kl, mask)
+
+
+def train_grpo(
+    policy: PreTrainedModel,
+    reference: Reference,
+    reward: RewardFn,
+    prompts: list[list[int]],
+    cfg: AlignConfig,
+    eos_id: int,
+    pad_id: int,
+    seed: int,
+) -> list[dict]:
+    """Train `policy` with GRPO for cfg.rl_iterations; return each iteration's figures.
+
+    Figures: reward (mean score), reward_std_in_group (mean within-group std:
+    0 means no learning signal), kl (mean per-sequence sum of log pi - log
+    pi_ref on the samples), entropy, loss, response length.
+    """
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    groups = max(cfg.rollout_size // cfg.group_size, 1)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)  # sampling in generate draws from torch's global RNG
+    log = []
+    for iteration in (bar := tqdm(range(cfg.rl_iterations), desc="grpo")):
+        picked = rng.sample(range(len(prompts)), min(groups, len(prompts)))
+        batch = [prompts[i] for i in picked for _ in range(cfg.group_size)]  # each prompt group_size times in a row
+        rollout = generate(policy, batch, cfg.max_new_tokens, eos_id, pad_id, sample=True)
+        mask = rollout.response_mask  # (B, R)
+        with torch.no_grad():
+            old_logprobs, entropy = response_logprobs(policy, rollout)  # (B, R) each
+            ref_logprobs = reference.logprobs(rollout)  # (B, R)
+            scores = reward(rollout)  # (B,)
+        advantages = group_advantages(scores, cfg.group_size)  # (B,)
+        policy.train()
+        losses = []
+        for _ in range(cfg.ppo_epochs):
+            order = torch.tensor(rng.sample(range(len(batch)), len(batch)))
+            for rows in order.split(cfg.batch_size):
+                logprobs, _ = response_logprobs(policy, rollout.select(rows))
+                loss, _ = grpo_loss(
+                    logprobs, old_logprobs[rows], ref_logprobs[rows], advantages[rows], mask[rows],
+                    cfg.clip_range, cfg.kl_coef,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                losses.append(loss.item())
+        policy.eval()
+        entry = {
+            "iteration": iteration,
+            "reward": scores.mean().item(),
+            "reward_std_in_group": scores.view(-1, cfg.group_size).std(-1).mean().item(),
+            "kl": ((old_logprobs - ref_logprobs) * mask).sum(-1).mean().item(),
+            "entropy": masked_mean(entropy, mask).item(),
+            "response_tokens": mask.sum(-1).mean().item(),
+            "loss": sum(losses) / len(losses),
+        }
+        log.append(entry)
+        bar.set_postfix(reward=f"{entry['reward']:.3f}", kl=f"{entry['kl']:.3f}")
+    return log
