@@ -1,102 +1,223 @@
-"""Curate throughput: the Curator pipeline on local Ray vs. a plain single-process loop.
+"""Curate throughput: the standard chain on Curator + local Ray vs. the same chain in datatrove.
 
-Both do the same work on the same input (the shipped corpus replicated
-`--copies` times, each copy made distinct so dedup keeps it): read, ftfy + NFC +
-whitespace cleanup, the four heuristic filters, exact dedup. Prints documents
-per second of each and their ratio, with Ray's start-up time reported apart.
+The standard chain: ftfy + markup + whitespace cleaning, the Gopher
+repetition, Gopher quality, C4 and FineWeb rules with every rule on at its
+paper's default, exact dedup, fuzzy dedup (MinHash on word 5-grams, 14 bands
+x 8 rows). Run three ways on one generated corpus (`curation.synthetic`:
+80-600-word documents, 10% planted near-duplicates, 5% junk), in one run:
 
-    python benchmarks/curate_throughput.py --copies 8
+1. aigc: the real `curate` stage (execute_stage) on a fresh local Ray.
+2. plain: the same stages one after another in this process (no Ray).
+3. datatrove 0.10.1: its own filters and 4-stage MinHash with the same
+   parameters, in its own venv (it needs numpy>=2; see benchmarks/datatrove_chain.py),
+   with the same number of worker processes. Skipped when that venv is absent.
+
+Reports documents/s, ratios, fuzzy-dedup recall/precision on the planted
+near-duplicates (of those that passed the filters), documents kept, and peak
+memory (summed RSS of the process and its children, sampled every 0.2 s).
+The machine is shared: compare figures within one run.
+
+    python benchmarks/curate_throughput.py --docs 20000 --datatrove-python .venv-datatrove/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from curation.cleaning import clean_whitespace, dedup_key, heuristic_filters, unicode_normalizer
-from curation.curate import merge_tasks, ray_cluster
-from curation.curator_stages import ExactDedupStage, build_pipeline
-from curation.readers import read_file
-from curation.shipped_data import shipped_inputs
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from curation.curate import global_dedup, merge_tasks
+from curation.curator_stages import build_pipeline, run_locally
+from curation.readers import expand_inputs
 from curation.stages import CurateConfig
+from curation.synthetic import SyntheticCorpus, dedup_scores, generate
+from pipeline.presets import resolve_configs
+from pipeline.runner import configs_to_json, execute_stage
+
+CHAIN_OVERRIDES = [  # the standard chain: no language id, PII, decontamination or classifier; every rule on
+    "curate.languages=",
+    "curate.pii_kinds=",
+    "curate.skip_rules=",
+    "curate.max_docs=0",
+    "curate.docs_per_shard=1000000",
+]
 
 
-def replicate_corpus(out_dir: Path, copies: int) -> list[Path]:
-    """Write the shipped files `copies` times with distinct ids and texts; return the new files."""
-    files = []
-    for k in range(copies):
-        for src in shipped_inputs():
-            dst = out_dir / f"{src.stem}-{k}.jsonl"
-            lines = []
-            for line in src.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                    rec["text"] += f"\n\nReplica {k}."
-                    line = json.dumps(rec, ensure_ascii=False)
-                except (json.JSONDecodeError, TypeError, KeyError):
-                    pass  # malformed lines stay malformed
-                lines.append(line)
-            dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            files.append(dst)
-    return files
+class PeakMemory:
+    """Samples the summed RSS of a process and its descendants in a thread; `peak` is the maximum in bytes."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
-def plain_loop(files: list[Path], cfg: CurateConfig) -> tuple[int, int]:
-    """Curate `files` in one process with plain loops; return (documents read, documents kept)."""
-    normalizer = unicode_normalizer()
-    filters = heuristic_filters(cfg.min_words, cfg.max_symbol_to_word_ratio)
-    seen: set[str] = set()
-    read = 0
-    for path in files:
-        for doc in read_file(path).docs:
-            read += 1
-            text = clean_whitespace(normalizer.modify_document(doc["text"]))
-            if all(f.keep_document(f.score_document(text)) for f in filters):
-                seen.add(dedup_key(text))
-    return read, len(seen)
+def write_corpus(corpus: SyntheticCorpus, out_dir: Path, shards: int) -> None:
+    """Write the corpus records, in order, into `shards` JSONL files of consecutive records."""
+    out_dir.mkdir(parents=True)
+    per_shard = -(-len(corpus.records) // shards)
+    for k in range(shards):
+        records = corpus.records[k * per_shard : (k + 1) * per_shard]
+        with open(out_dir / f"part-{k:03d}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def curator_on_ray(files: list[Path], cfg: CurateConfig) -> tuple[int, float]:
-    """Curate `files` with the Curator pipeline on a fresh local Ray; return (kept, Ray start seconds)."""
-    from nemo_curator.backends.ray_data import RayDataExecutor
-    from nemo_curator.tasks import DocumentBatch
+def jsonl_ids(path: Path) -> list[str]:
+    """Return the ids of a JSONL file."""
+    return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
+
+def run_aigc(input_dir: Path, run_dir: Path, cpus: int) -> dict:
+    """Run the curate stage through the runner; return seconds, peak memory, and ids after filters / at the end."""
+    configs = resolve_configs("tiny", CHAIN_OVERRIDES + [f"curate.inputs={input_dir}", f"curate.ray_cpus={cpus}"])
     start = time.perf_counter()
-    with ray_cluster("", cfg.ray_cpus):
-        ray_start = time.perf_counter() - start
-        pipeline = build_pipeline(files, cfg.text_field, cfg.id_field, cfg.min_words, cfg.max_symbol_to_word_ratio)
-        docs, _, _ = merge_tasks(pipeline.run(executor=RayDataExecutor()))
-    kept = ExactDedupStage().process(DocumentBatch(dataset_name="bench", data=docs)).num_items
-    return kept, ray_start
+    with PeakMemory(psutil.Process().pid) as memory:
+        manifest = execute_stage(str(run_dir), "curate", configs_to_json(configs))
+    seconds = time.perf_counter() - start
+    out = run_dir / "curate"
+    final = [i for shard in sorted((out / "corpus").glob("shard-*.jsonl")) for i in jsonl_ids(shard)]
+    removed = jsonl_ids(out / "rejects" / "duplicates.jsonl") + jsonl_ids(out / "rejects" / "near_duplicates.jsonl")
+    return {"seconds": seconds, "peak_bytes": memory.peak, "after_filters": final + removed, "final": final,
+            "metrics": manifest["metrics"]}
+
+
+def run_plain(input_dir: Path) -> dict:
+    """Run the same chain's stages in this process without Ray; return seconds and ids."""
+    cfg = resolve_configs("tiny", CHAIN_OVERRIDES)["curate"]
+    files = expand_inputs([input_dir])
+    start = time.perf_counter()
+    docs, _, _ = merge_tasks(run_locally(build_pipeline(files, cfg), files))
+    final = global_dedup(docs, cfg).to_pandas()["id"].tolist()
+    return {"seconds": time.perf_counter() - start, "after_filters": docs["id"].tolist(), "final": final}
+
+
+def run_datatrove(python: str, input_dir: Path, work_dir: Path, cfg: CurateConfig, workers: int) -> dict:
+    """Run benchmarks/datatrove_chain.py with `python`; return its summary plus peak memory."""
+    cmd = [python, str(Path(__file__).with_name("datatrove_chain.py")), str(input_dir), str(work_dir),
+           "--ngram", str(cfg.minhash_ngram), "--bands", str(cfg.minhash_bands), "--rows", str(cfg.minhash_rows),
+           "--workers", str(workers)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    with PeakMemory(proc.pid) as memory:
+        stdout, _ = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"datatrove chain failed ({proc.returncode}): {' '.join(cmd)}")
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    seconds = time.perf_counter() - start
+    return {**summary, "seconds": seconds, "inner_seconds": summary["seconds"], "peak_bytes": memory.peak}
+
+
+def ray_start_seconds(cpus: int) -> float:
+    """Return how long starting and stopping a local Ray takes here (part of every aigc run).
+
+    Measured in a child process: a second Ray session in one process confuses
+    Ray Data's metrics actor (KeyError spam) and slows the run after it.
+    """
+    code = (
+        "import time; from curation.curate import ray_cluster; t = time.perf_counter()\n"
+        f"with ray_cluster('', {cpus}): pass\n"
+        "print(time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict, corpus: SyntheticCorpus, n_docs: int, ray_s: float) -> dict:
+    """Print the comparison table; return the figures as a dict."""
+    figures = {"docs": n_docs, "ray_start_stop_s": round(ray_s, 1)}
+    table = Table(title=f"curate standard chain on {n_docs:,} generated documents")
+    for col in ("run", "seconds", "docs/s", "after filters", "final", "dedup recall", "dedup precision", "peak memory"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for name, r in results.items():
+        after, final = set(r["after_filters"]), set(r["final"])
+        scores = dedup_scores(after - final, after, corpus)
+        row = {
+            "seconds": round(r["seconds"], 1),
+            "docs_per_s": round(n_docs / r["seconds"], 1),
+            "after_filters": len(after),
+            "final": len(final),
+            "dedup_recall": scores["recall"],
+            "dedup_precision": scores["precision"],
+            "planted_reaching_dedup": scores["planted"],
+            "peak_gib": round(r["peak_bytes"] / 2**30, 2) if "peak_bytes" in r else None,
+        }
+        figures[name] = row
+        table.add_row(name, str(row["seconds"]), str(row["docs_per_s"]), str(row["after_filters"]), str(row["final"]),
+                      str(row["dedup_recall"]), str(row["dedup_precision"]),
+                      f"{row['peak_gib']} GiB" if row["peak_gib"] is not None else "-")
+    Console().print(table)
+    for other in ("plain", "datatrove"):
+        if other in figures:
+            figures[f"speedup_vs_{other}"] = round(figures["aigc"]["docs_per_s"] / figures[other]["docs_per_s"], 2)
+            print(f"aigc / {other}: {figures[f'speedup_vs_{other}']}x documents/s")
+    return figures
 
 
 def main() -> None:
-    """Run both and print documents per second and the ratio."""
+    """Generate the corpus, run the chains, print and optionally save the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--copies", type=int, default=8, help="replicas of the shipped corpus")
-    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--docs", type=int, default=20000, help="documents to generate")
+    parser.add_argument("--shards", type=int, default=8, help="JSONL files the corpus is written to")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray = datatrove workers")
+    parser.add_argument("--datatrove-python", default=".venv-datatrove/bin/python",
+                        help="python of a venv with datatrove 0.10.1 (see benchmarks/datatrove_chain.py)")
+    parser.add_argument("--no-plain", action="store_true", help="skip the single-process run")
+    parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args()
-    cfg = CurateConfig(ray_cpus=args.cpus)
 
+    corpus = generate(args.docs, seed=0)
+    cfg = resolve_configs("tiny", CHAIN_OVERRIDES)["curate"]
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        files = replicate_corpus(Path(tmp), args.copies)
-        start = time.perf_counter()
-        n_docs, kept_loop = plain_loop(files, cfg)
-        loop_s = time.perf_counter() - start
-        start = time.perf_counter()
-        kept_ray, ray_start_s = curator_on_ray(files, cfg)
-        ray_s = time.perf_counter() - start
-
-    assert kept_ray == kept_loop, f"pipelines disagree: Curator kept {kept_ray}, loop kept {kept_loop}"
-    pipeline_s = ray_s - ray_start_s
-    print(f"documents: {n_docs} read, {kept_loop} kept by both")
-    print(f"plain loop, 1 process:        {n_docs / loop_s:8.1f} docs/s  ({loop_s:.1f} s)")
-    print(f"Curator on Ray ({args.cpus} CPUs), total: {n_docs / ray_s:8.1f} docs/s  ({ray_s:.1f} s, Ray start {ray_start_s:.1f} s)")
-    print(f"Curator on Ray, after start:  {n_docs / pipeline_s:8.1f} docs/s  ({pipeline_s:.1f} s)")
-    print(f"ratio Curator/loop: {loop_s / ray_s:.2f} total, {loop_s / pipeline_s:.2f} after Ray start")
+        input_dir = Path(tmp) / "input"
+        write_corpus(corpus, input_dir, args.shards)
+        print(f"corpus: {args.docs} documents, {sum(f.stat().st_size for f in input_dir.iterdir()) / 1e6:.1f} MB "
+              f"in {args.shards} files", flush=True)
+        ray_s = ray_start_seconds(args.cpus)
+        results["aigc"] = run_aigc(input_dir, Path(tmp) / "run", args.cpus)
+        if not args.no_plain:
+            results["plain"] = run_plain(input_dir)
+        if Path(args.datatrove_python).exists():
+            work = Path(tmp) / "datatrove"
+            results["datatrove"] = run_datatrove(args.datatrove_python, input_dir, work, cfg, args.cpus)
+        else:
+            print(f"datatrove skipped: no {args.datatrove_python} (see benchmarks/datatrove_chain.py)", file=sys.stderr)
+    figures = report(results, corpus, args.docs, ray_s)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

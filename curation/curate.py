@@ -1,14 +1,28 @@
-"""The `curate` stage: input text -> cleaned, filtered, deduplicated JSONL shards.
+"""The `curate` stage: input text -> cleaned, filtered, redacted, deduplicated corpus shards.
 
 Runs the NeMo Curator pipeline of `curation.curator_stages` with
-`RayDataExecutor` on a fresh local Ray (or the cluster at `ray_address`), then,
-on the driver, exact dedup over the whole corpus and the `max_docs` cap.
+`RayDataExecutor` on a fresh local Ray (or the cluster at `ray_address`):
+read, clean, language id, Gopher/C4/FineWeb rules, decontamination, quality
+classifier, PII redaction and dedup signatures, all per batch on the
+workers. Then, on the driver, the global steps over the whole corpus: exact
+dedup, fuzzy dedup (MinHash LSH clusters) and the `max_docs` cap.
+
+On a Ray cluster the same pipeline runs on all its nodes: set
+`curate.ray_address` to the cluster (`auto` inside a Ray job). On Slurm,
+a cluster profile with `curate: {nodes: N, launcher: ray}` starts Ray across
+the allocation (`ray start --head` on the first node, `ray start --address`
+on the others; see pipeline.slurm_executor) and runs the stage on the head
+with `curate.ray_address=auto`. The driver steps keep the corpus' MinHash
+signatures in driver memory (bands x rows x 4 bytes per document).
+
 Writes, under the stage directory:
 
-    corpus/shard-NNNNN.jsonl   {"id", "text", "source"} in input order ("source" = file:line)
-    rejects/rejects.jsonl      malformed input lines: {"file", "line", "reason", "detail", "raw"}
-    rejects/duplicates.jsonl   removed copies: {"id", "duplicate_of"}
-    stats.json                 documents in/out and reasons of every step
+    corpus/shard-NNNNN.jsonl   {"id", "text", "source", "language"} in input order ("source" = file:line)
+                               (.parquet with output_format=parquet)
+    rejects/rejects.jsonl      malformed input records: {"file", "line", "reason", "detail", "raw"}
+    rejects/duplicates.jsonl   exact copies removed: {"id", "duplicate_of"}
+    rejects/near_duplicates.jsonl  fuzzy duplicates removed: {"id", "duplicate_of", "jaccard"}
+    stats.json                 documents in/out, reasons and counts of every step
 """
 
 from __future__ import annotations
@@ -26,26 +40,27 @@ from nemo_curator.tasks import DocumentBatch
 from rich.console import Console
 from rich.table import Table
 
+from curation import heuristics, langid, pii, quality_classifier
 from curation.curator_stages import (
-    DEDUP_STEP,
     DOC_COLUMNS,
-    NORMALIZE_STEP,
-    READ_STEP,
     ExactDedupStage,
+    FuzzyDedupStage,
     build_pipeline,
-    filter_names,
+    step_names,
 )
-from curation.readers import expand_inputs
+from curation.decontam import eval_ngrams
+from curation.readers import expand_inputs, iter_documents
 from curation.shipped_data import shipped_inputs
 from curation.stages import CurateConfig
 from pipeline.stage import StageContext, StageResult
 
 OBJECT_STORE_BYTES = 512 * 1024**2
 RAY_START_ATTEMPTS = 3
+OUTPUT_COLUMNS = ["id", "text", "source", "language", "quality_score"]
 
 
 class TooManyRejectsError(RuntimeError):
-    """More malformed input lines than `max_rejects_fraction` allows."""
+    """More malformed input records than `max_rejects_fraction` allows."""
 
 
 @contextlib.contextmanager
@@ -96,28 +111,40 @@ def start_local_ray(num_cpus: int) -> None:
             print(f"[curate] local Ray did not start ({exc}); retrying", flush=True)
 
 
-def run_curator(cfg: CurateConfig, files: list[Path]) -> list:
-    """Return the DocumentBatch tasks of the Curator pipeline run on Ray over `files`."""
+def check_config(cfg: CurateConfig) -> None:
+    """Raise ValueError for settings that name unknown things (before Ray starts)."""
+    unknown_groups = sorted(set(cfg.rule_groups) - set(heuristics.GROUPS))
+    if unknown_groups:
+        raise ValueError(f"unknown curate.rule_groups {unknown_groups}; choose from {', '.join(heuristics.GROUPS)}")
+    unknown_rules = sorted(set(cfg.skip_rules) - set(heuristics.rule_names()))
+    if unknown_rules:
+        raise ValueError(f"unknown curate.skip_rules {unknown_rules}; rules: {', '.join(heuristics.rule_names())}")
+    if cfg.output_format not in ("jsonl", "parquet"):
+        raise ValueError(f"curate.output_format must be jsonl or parquet, got {cfg.output_format!r}")
+    if bool(cfg.quality_good) != bool(cfg.quality_bad):
+        raise ValueError("the quality classifier needs both curate.quality_good and curate.quality_bad")
+    pii.check_kinds(cfg.pii_kinds)
+    langid.check_languages(cfg.languages)
+
+
+def train_quality_model(cfg: CurateConfig) -> quality_classifier.QualityModel:
+    """Return the quality classifier trained on the configured good and bad files."""
+    good = list(iter_documents(cfg.quality_good, cfg.text_field))
+    bad = list(iter_documents(cfg.quality_bad, cfg.text_field))
+    return quality_classifier.train(good, bad, ngram=cfg.quality_ngram)
+
+
+def run_curator(pipeline, cfg: CurateConfig) -> list:
+    """Return the DocumentBatch tasks of the Curator `pipeline` run on Ray."""
     from nemo_curator.backends.ray_data import RayDataExecutor
 
-    pipeline = build_pipeline(files, cfg.text_field, cfg.id_field, cfg.min_words, cfg.max_symbol_to_word_ratio)
     with ray_cluster(cfg.ray_address, cfg.ray_cpus):
         return pipeline.run(executor=RayDataExecutor())
 
 
-def step_counts(tasks: list, names: list[str]) -> dict[str, int]:
-    """Return documents received by each named Curator stage, summed over the output tasks."""
-    counts = dict.fromkeys(names, 0)
-    for task in tasks:
-        for perf in task._stage_perf:
-            if perf.stage_name in counts:
-                counts[perf.stage_name] += int(perf.num_items_processed)
-    return counts
-
-
 def merge_tasks(tasks: list) -> tuple[pd.DataFrame, list[dict], int]:
-    """Return (all documents in input order, all rejects, non-blank input lines) of the pipeline output."""
-    frames = [t.to_pandas() for t in tasks]
+    """Return (all documents in input order, all rejects, input records) of the pipeline output."""
+    frames = [t.to_pandas() for t in tasks if t.num_items]
     docs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=DOC_COLUMNS)
     docs = docs.sort_values(["file_index", "line"], kind="stable").reset_index(drop=True)
     rejects = sorted(
@@ -125,6 +152,44 @@ def merge_tasks(tasks: list) -> tuple[pd.DataFrame, list[dict], int]:
     )
     lines = sum(t._metadata.get("lines", 0) for t in tasks)
     return docs, rejects, lines
+
+
+def sum_steps(tasks: list, names: list[str]) -> dict[str, dict]:
+    """Return each named step's statistics summed over the tasks' metadata."""
+    totals = {
+        n: {"docs_in": 0, "docs_out": 0, "reasons": collections.Counter(), "counts": collections.Counter()}
+        for n in names
+    }
+    for task in tasks:
+        for name, step in task._metadata.get("steps", {}).items():
+            if name in totals:
+                totals[name]["docs_in"] += step["docs_in"]
+                totals[name]["docs_out"] += step["docs_out"]
+                totals[name]["reasons"].update(step["reasons"])
+                totals[name]["counts"].update(step["counts"])
+    return {n: {**t, "reasons": dict(t["reasons"]), "counts": dict(t["counts"])} for n, t in totals.items()}
+
+
+def global_dedup(docs: pd.DataFrame, cfg: CurateConfig) -> DocumentBatch:
+    """Return the corpus (in input order) after exact dedup and, when configured, fuzzy dedup.
+
+    Both are Curator stages run here on the driver over the whole corpus as one
+    batch; their steps and removed ids are in the result's metadata.
+    """
+    deduped = ExactDedupStage().process(DocumentBatch(dataset_name="curate", data=docs))
+    if cfg.fuzzy_dedup:
+        fuzzy = FuzzyDedupStage(bands=cfg.minhash_bands, rows=cfg.minhash_rows, threshold=cfg.minhash_threshold)
+        deduped = fuzzy.process(deduped)
+    return deduped
+
+
+def check_rejects(rejects: int, lines: int, max_fraction: float, where: Path) -> None:
+    """Raise TooManyRejectsError when more than `max_fraction` of the input records were rejected."""
+    if rejects > max_fraction * lines:
+        raise TooManyRejectsError(
+            f"{rejects} of {lines} input records ({rejects / lines:.1%}) are malformed, more than "
+            f"curate.max_rejects_fraction={max_fraction}; see {where}"
+        )
 
 
 def cap_docs(docs: pd.DataFrame, max_docs: int, seed: int) -> pd.DataFrame:
@@ -142,94 +207,92 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def write_shards(corpus_dir: Path, docs: pd.DataFrame, docs_per_shard: int) -> list[Path]:
-    """Write documents as `shard-NNNNN.jsonl` files of {"id", "text", "source"}; return their paths."""
-    records = docs[["id", "text", "source"]].to_dict("records")
+def write_shards(corpus_dir: Path, docs: pd.DataFrame, docs_per_shard: int, output_format: str = "jsonl") -> list[Path]:
+    """Write the documents' output columns as `shard-NNNNN.<format>` files; return their paths."""
+    columns = [c for c in OUTPUT_COLUMNS if c in docs]
+    corpus_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for n, start in enumerate(range(0, max(len(records), 1), docs_per_shard)):
-        paths.append(corpus_dir / f"shard-{n:05d}.jsonl")
-        write_jsonl(paths[-1], records[start : start + docs_per_shard])
+    for n, start in enumerate(range(0, max(len(docs), 1), docs_per_shard)):
+        part = docs[columns].iloc[start : start + docs_per_shard]
+        paths.append(corpus_dir / f"shard-{n:05d}.{output_format}")
+        if output_format == "parquet":
+            part.to_parquet(paths[-1], index=False)
+        else:
+            write_jsonl(paths[-1], part.to_dict("records"))
     return paths
 
 
-def build_stats(
-    files: list[Path],
-    lines: int,
-    rejects: list[dict],
-    filter_in: dict[str, int],
-    after_filters: int,
-    after_dedup: int,
-    docs_out: pd.DataFrame,
-) -> dict:
-    """Return stats.json: every step with docs in/out and why documents left."""
-    read_out = lines - len(rejects)
-    names = list(filter_in)
-    steps = [
-        {"step": READ_STEP, "docs_in": lines, "docs_out": read_out,
-         "reasons": dict(collections.Counter(r["reason"] for r in rejects))},
-        {"step": NORMALIZE_STEP, "docs_in": read_out, "docs_out": read_out, "reasons": {}},
-    ]
-    for name, nxt in zip(names, names[1:] + [None]):
-        out = filter_in[nxt] if nxt else after_filters
-        steps.append({"step": name, "docs_in": filter_in[name], "docs_out": out,
-                      "reasons": {name: filter_in[name] - out}})
-    steps.append({"step": DEDUP_STEP, "docs_in": after_filters, "docs_out": after_dedup,
-                  "reasons": {"duplicate": after_filters - after_dedup}})
-    steps.append({"step": "max_docs", "docs_in": after_dedup, "docs_out": len(docs_out),
-                  "reasons": {"over_max_docs": after_dedup - len(docs_out)}})
+def build_stats(files: list[Path], lines: int, rejects: list[dict], steps: list[dict], docs_out: pd.DataFrame) -> dict:
+    """Return stats.json: every step with docs in/out, why documents left, and what it counted."""
     return {
         "inputs": [str(f) for f in files],
         "input_lines": lines,
         "rejects": len(rejects),
         "rejects_fraction": round(len(rejects) / max(lines, 1), 4),
         "docs_out": len(docs_out),
-        "chars_out": int(docs_out["text"].str.len().sum()),
+        "chars_out": int(docs_out["text"].str.len().sum()) if len(docs_out) else 0,
         "steps": steps,
     }
 
 
 def print_stats(stats: dict) -> None:
     """Print the per-step table of the curate stage."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # logs: room for the reasons
     table = Table(title=f"curate: {stats['docs_out']} documents, {stats['chars_out']:,} characters")
-    for col in ("step", "docs in", "docs out", "removed", "why"):
-        table.add_column(col, justify="left" if col in ("step", "why") else "right")
+    for col in ("step", "docs in", "docs out", "removed", "why", "counts"):
+        table.add_column(col, justify="left" if col in ("step", "why", "counts") else "right", no_wrap=col == "step")
     for s in stats["steps"]:
-        why = ", ".join(f"{k} {v}" for k, v in s["reasons"].items() if v and k != s["step"])
-        table.add_row(s["step"], str(s["docs_in"]), str(s["docs_out"]), str(s["docs_in"] - s["docs_out"]), why)
-    Console().print(table)
+        why = "\n".join(f"{k} {v}" for k, v in sorted(s["reasons"].items(), key=lambda kv: -kv[1]) if v)
+        counts = "\n".join(f"{k} {v}" for k, v in s.get("counts", {}).items() if v)
+        table.add_row(s["step"], str(s["docs_in"]), str(s["docs_out"]), str(s["docs_in"] - s["docs_out"]), why, counts)
+    console.print(table)
+
+
+def stage_metrics(stats: dict) -> dict:
+    """Return the stage's metrics: totals, removals per step and per rule, and the steps' counts."""
+    metrics = {k: stats[k] for k in ("input_lines", "rejects", "rejects_fraction", "docs_out", "chars_out")}
+    for step in stats["steps"][1:]:
+        metrics[f"removed_{step['step']}"] = step["docs_in"] - step["docs_out"]
+        rules = heuristics.GROUPS.get(step["step"], ())
+        metrics |= {f"removed_{r.name}": step["reasons"].get(r.name, 0) for r in rules}
+        metrics |= {f"{step['step']}_{k}": v for k, v in step.get("counts", {}).items()}
+    return metrics
 
 
 def run(ctx: StageContext) -> StageResult:
     """Curate the configured inputs into `corpus/`, `rejects/` and `stats.json` under ctx.out_dir."""
     cfg: CurateConfig = ctx.config
+    check_config(cfg)
     files = expand_inputs(cfg.inputs or shipped_inputs())
-    names = filter_names(cfg.min_words, cfg.max_symbol_to_word_ratio)
-    tasks = run_curator(cfg, files)
+    eval_hashes = eval_ngrams(cfg.decontam_paths, cfg.decontam_ngram, cfg.text_field) if cfg.decontam_paths else None
+    model = train_quality_model(cfg) if cfg.quality_good else None
+    pipeline = build_pipeline(files, cfg, eval_hashes, model)
+    tasks = run_curator(pipeline, cfg)
     docs, rejects, lines = merge_tasks(tasks)
-    filter_in = step_counts(tasks, names)
+    totals = sum_steps(tasks, step_names(pipeline))
 
     out = Path(ctx.out_dir)
     write_jsonl(out / "rejects" / "rejects.jsonl", rejects)
-    if len(rejects) > cfg.max_rejects_fraction * lines:
-        raise TooManyRejectsError(
-            f"{len(rejects)} of {lines} input lines ({len(rejects) / lines:.1%}) are malformed, more than "
-            f"curate.max_rejects_fraction={cfg.max_rejects_fraction}; see {out / 'rejects' / 'rejects.jsonl'}"
-        )
-    deduped = ExactDedupStage().process(DocumentBatch(dataset_name="curate", data=docs))
+    check_rejects(len(rejects), lines, cfg.max_rejects_fraction, out / "rejects" / "rejects.jsonl")
+    deduped = global_dedup(docs, cfg)
     write_jsonl(out / "rejects" / "duplicates.jsonl", deduped._metadata["duplicates"])
-    final = cap_docs(deduped.to_pandas(), cfg.max_docs, ctx.seed)
-    stats = build_stats(files, lines, rejects, filter_in, len(docs), deduped.num_items, final)
+    if cfg.fuzzy_dedup:
+        write_jsonl(out / "rejects" / "near_duplicates.jsonl", deduped._metadata["near_duplicates"])
+    kept = deduped.to_pandas()
+    final = cap_docs(kept, cfg.max_docs, ctx.seed)
+
+    steps = [{"step": n, **totals[n]} for n in totals]
+    steps += [{"step": n, **s} for n, s in deduped._metadata["steps"].items() if n in ("exact_dedup", "fuzzy_dedup")]
+    steps.append({"step": "max_docs", "docs_in": len(kept), "docs_out": len(final),
+                  "reasons": {"over_max_docs": len(kept) - len(final)} if len(kept) > len(final) else {}, "counts": {}})
+    stats = build_stats(files, lines, rejects, steps, final)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print_stats(stats)
     if final.empty:
-        raise RuntimeError(f"curate kept no documents out of {lines} input lines; see {out / 'stats.json'}")
-    write_shards(out / "corpus", final, cfg.docs_per_shard)
-    metrics = {
-        "input_lines": lines,
-        "rejects": len(rejects),
-        "rejects_fraction": stats["rejects_fraction"],
-        "docs_out": stats["docs_out"],
-        "chars_out": stats["chars_out"],
-    }
-    metrics |= {f"removed_{s['step']}": s["docs_in"] - s["docs_out"] for s in stats["steps"][2:]}
-    return StageResult(outputs={"corpus": "corpus", "rejects": "rejects", "stats": "stats.json"}, metrics=metrics)
+        raise RuntimeError(f"curate kept no documents out of {lines} input records; see {out / 'stats.json'}")
+    write_shards(out / "corpus", final, cfg.docs_per_shard, cfg.output_format)
+    return StageResult(
+        outputs={"corpus": "corpus", "rejects": "rejects", "stats": "stats.json"}, metrics=stage_metrics(stats)
+    )

@@ -9,7 +9,8 @@ Two committed JSONL files under `curation/data/`:
 - `noise.jsonl`: planted noise so curation visibly does something: exact
   duplicates of pydoc documents that differ only in whitespace or Unicode form
   (or mojibake that ftfy repairs), boilerplate, symbol junk, repeated lines,
-  too-short documents, records without an `id`, and malformed lines.
+  too-short and empty documents, records without an `id`, PII, a German
+  text, an HTML page, a near-duplicate (2% of words edited), and malformed lines.
 
 Regenerate both with `python -m curation.shipped_data` (the pydoc text is that
 of the Python that runs it; the committed files came from Python 3.11.7).
@@ -70,18 +71,51 @@ _CAFE = (
     "The café on the corner serves a naïve little crème brûlée that every visitor to the "
     "old quarter seems to recommend. Its owner, a retired professor of linguistics, likes to "
     "explain how accents and combining marks are stored in Unicode, and why two strings that "
-    "look identical on screen can still differ byte by byte until they are normalized."
+    "look identical on screen can still differ byte by byte until they are normalized. "
+    "She keeps a small card behind the counter with the word written four different ways. "
+    "Visitors rarely notice the difference, but search engines and databases certainly do. "
+    "That is why careful pipelines normalize text before they compare or count anything."
 )
 _NO_ID = (
     "Curation turns raw text into training data. A reader parses each record, cleaning repairs "
     "broken Unicode and stray whitespace, heuristic filters drop documents that look like junk, "
     "and deduplication keeps one copy of each text. Every step reports how many documents it "
-    "received and how many it kept, so that nothing disappears without a trace.",
+    "received and how many it kept, so that nothing disappears without a trace. Rejected "
+    "records are written out with the reason they were rejected. A rerun of the same step on "
+    "the same input gives the same output, byte for byte.",
     "A tokenizer maps text to integers. Byte-level BPE starts from the 256 possible bytes and "
     "repeatedly merges the most frequent adjacent pair into a new symbol, until the vocabulary "
     "reaches its target size. Because it starts from bytes it can encode any string at all, "
-    "and decoding the ids gives back exactly the text that went in.",
+    "and decoding the ids gives back exactly the text that went in. Frequent words end up as "
+    "single tokens. Rare words are split into several pieces. The chat template adds a few "
+    "special tokens that mark who is speaking.",
 )
+_PII = (
+    "Our support desk answers questions about the library every weekday. You can write to "
+    "jane.doe@example.org or call +44 20 7946 0958 during office hours. The old mirror at "
+    "8.8.4.4 is no longer maintained, so please update your configuration files. Payments for "
+    "the premium plan were taken from the card 4539 1488 0343 6467 last month. We never store "
+    "passwords in plain text, and every request to the API is logged for thirty days."
+)
+_GERMAN = (
+    "Die Bibliothek liest Textdateien ein, entfernt doppelte Dokumente und schreibt das Ergebnis "
+    "in neue Dateien. Jeder Schritt zählt, wie viele Dokumente er erhalten und wie viele er "
+    "behalten hat. Fehlerhafte Zeilen werden mit ihrem Grund gesondert gespeichert. So geht "
+    "nichts verloren, und man kann später nachvollziehen, warum ein Dokument fehlt. Das "
+    "Verfahren ist schnell genug für einen gewöhnlichen Laptop."
+)
+
+
+def _html(text: str) -> str:
+    """Return `text` as an HTML page: paragraphs in <p>, a script, a comment, entities."""
+    body = "".join(f"<p>{p.replace('&', '&amp;')}</p>\n" for p in text.split("\n\n"))
+    return f"<html><head><script>var x = 1;</script></head><body><!-- nav -->\n{body}</body></html>"
+
+
+def _word_edits(text: str, every: int = 50) -> str:
+    """Return `text` with every `every`-th word replaced: a near-duplicate (2% of words edited)."""
+    words = text.split(" ")
+    return " ".join("changed" if i % every == every - 1 else w for i, w in enumerate(words))
 
 
 def _mojibake(text: str) -> str:
@@ -111,6 +145,11 @@ def noise_lines(docs: list[dict[str, str]]) -> list[str]:
         # records without an id: the reader assigns "<file stem>-<line no>"
         {"text": _NO_ID[0]},
         {"text": _NO_ID[1]},
+        # PII to redact, another language, markup to strip, a near-duplicate for fuzzy dedup
+        {"id": "noise-pii", "text": _PII},
+        {"id": "noise-german", "text": _GERMAN},
+        {"id": "noise-html", "text": _html(by_id["pydoc-pass-0"])},
+        {"id": "near-pydoc-class-0", "text": _word_edits(by_id["pydoc-class-0"])},
     ]
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     # malformed lines: the reader sends them to rejects/ with file, line number and reason

@@ -32,11 +32,16 @@ ENCODE_CHUNK = 256  # documents per encode_batch call
 
 
 def read_corpus(corpus_dir: Path) -> list[dict]:
-    """Return the {"id", "text", ...} records of every `shard-*.jsonl` in `corpus_dir`, in order."""
+    """Return the {"id", "text", ...} records of every `shard-*.jsonl` / `shard-*.parquet` in `corpus_dir`, in order."""
     docs = []
-    for shard in sorted(Path(corpus_dir).glob("shard-*.jsonl")):
-        with open(shard, encoding="utf-8") as f:
-            docs += [json.loads(line) for line in f if line.strip()]
+    for shard in sorted(Path(corpus_dir).glob("shard-*")):
+        if shard.suffix == ".parquet":
+            import pandas as pd
+
+            docs += pd.read_parquet(shard).to_dict("records")
+        elif shard.suffix == ".jsonl":
+            with open(shard, encoding="utf-8") as f:
+                docs += [json.loads(line) for line in f if line.strip()]
     return docs
 
 
