@@ -33,6 +33,8 @@ from pipeline.stage import STAGE_ORDER, get_stage, upstream_closure
 EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("deploy.cli:serve_main", "start Triton on an exported model repository until Ctrl-C"),
     "query": ("deploy.cli:query_main", "send a prompt to a running Triton endpoint and print the answer"),
+    "t2i": ("multimodal.cli:t2i_main", "text-to-image latent diffusion: train | sample \"a handwritten three\""),
+    "nerf": ("multimodal.cli:nerf_main", "NeRF on a ray-traced scene: train | render --pose az,el"),
     "eval-checkpoint": ("recipes.eval_checkpoint:main",
                         "perplexity and greedy/sampled generations of any HF checkpoint directory"),
 }

@@ -1,0 +1,202 @@
+"""The `t2i_train` stage: text encoder + UNet2DConditionModel trained together by DDPM on VAE latents,
+then scored by the judge.
+
+Training: each step encodes a batch of training images with the frozen VAE
+(a sample of q(z|x), times its scaling factor), replaces the caption by the
+empty prompt with probability `prompt_dropout` (what makes classifier-free
+guidance possible), and minimises the epsilon-prediction MSE. After each epoch
+a grid from fixed seeds (one row per prompt) goes to samples/epoch_NNN.png and a
+checkpoint to the work dir, from which a killed run resumes. At the end: the
+judge's prompt accuracy at each guidance scale and an FID-like distance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from multimodal.diffusion import build_unet, diffusion_loss, make_train_scheduler, unet_denoiser
+from multimodal.pictures import save_grid, save_line_plot
+from multimodal.t2i_data import class_prompts, read_caption_set
+from multimodal.t2i_judge import build_judge, judge_images
+from multimodal.t2i_model import T2IModel
+from multimodal.text_encoder import TextEncoder, WordTokenizer
+from multimodal.vae import to_model_range
+from pipeline.stage import StageContext, StageResult
+
+CHECKPOINT = "checkpoint.pt"
+GRID_PROMPTS = (0, 1, 3, 7, 8, 10, 14, 18, 21)  # class ids shown in the per-epoch grids
+GRID_SEEDS = 6
+
+
+@torch.no_grad()
+def posterior_stats(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return scaled posterior mean and std (N, C, h, w) of images in [-1, 1]."""
+    device = next(vae.parameters()).device
+    means, stds = [], []
+    for s in range(0, len(images), batch_size):
+        post = vae.encode(images[s: s + batch_size].to(device)).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    scale = vae.config.scaling_factor
+    return torch.cat(means) * scale, torch.cat(stds) * scale
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Return the learning-rate multiplier: linear warmup, then cosine down to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def grid_prompts_and_seeds(prompts: list[str]) -> tuple[list[str], list[int], list[str]]:
+    """Return the per-epoch grid's prompts, seeds (one row per prompt) and row labels."""
+    rows = [prompts[c] for c in GRID_PROMPTS if c < len(prompts)]
+    return [p for p in rows for _ in range(GRID_SEEDS)], list(range(GRID_SEEDS)) * len(rows), rows
+
+
+def score(model: T2IModel, data: dict, cfg, seed: int) -> dict:
+    """Return the judge's figures: real accuracy, then prompt accuracy and FID-like distance per guidance scale."""
+    prompts = class_prompts()
+    judge = build_judge(data, cfg.eval_per_prompt, seed)
+    classes = np.repeat(np.arange(len(prompts)), cfg.eval_per_prompt)
+    seeds = [10_000 + i for i in range(len(classes))]
+    result = {"judge_real_test_accuracy": round(judge.real_test_accuracy, 4),
+              "fid_like_real_floor": round(judge.floor, 3), "per_prompt": {}}
+    for g in cfg.guidance_scales:
+        images = model.generate([prompts[c] for c in classes], seeds, cfg.sample_steps, g, cfg.sampler)
+        judged = judge_images(judge, images, classes)
+        key = f"g{g:g}"
+        result[f"digit_accuracy_{key}"] = round(judged["digit_accuracy"], 4)
+        result[f"shape_accuracy_{key}"] = round(judged["shape_accuracy"], 4)
+        result[f"fid_like_{key}"] = round(judged["fid_like"], 3)
+        result["per_prompt"][key] = {prompts[c]: round(a, 3) for c, a in judged["per_class"].items()}
+    return result
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Train text encoder + UNet on the VAE latents, write them, the grids and the judge's figures."""
+    cfg = ctx.config
+    device = cfg.device
+    torch.manual_seed(ctx.seed)
+    data = read_caption_set(ctx.input_path("t2i_data", "dataset").parent)
+    vae = AutoencoderKL.from_pretrained(ctx.input_path("t2i_vae", "vae")).to(device).eval()
+    keep = data["split"] == 0
+    captions = [c for c, k in zip(data["captions"], keep) if k]
+    mean, std = posterior_stats(vae, to_model_range(data["images"][keep]))  # (N, C, h, w) each
+    tokenizer = WordTokenizer.fit(data["captions"] + class_prompts())
+    ids, mask = tokenizer(captions)  # (N, L) each
+    null_ids, null_mask = tokenizer([""])  # (1, L)
+
+    text = TextEncoder(len(tokenizer.vocab), tokenizer.max_length, cfg.text_dim, cfg.text_layers, cfg.text_heads)
+    unet = build_unet(mean.shape[-1], mean.shape[1], tuple(cfg.unet_channels), cfg.text_dim, cfg.pooled_text)
+    text, unet = text.to(device), unet.to(device)
+    scheduler = make_train_scheduler(cfg.train_timesteps, cfg.beta_schedule)
+    model = T2IModel(vae, unet, text, tokenizer, scheduler)
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(text.parameters()), lr=cfg.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    batch = min(cfg.batch_size, len(ids))
+    steps_per_epoch = len(ids) // batch
+    total = steps_per_epoch * cfg.epochs
+    history: list[tuple[int, float]] = []
+    start_epoch, train_s, cpu_s = 0, 0.0, 0.0
+
+    ckpt = ctx.out_dir / CHECKPOINT
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True, map_location=device)
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        history = [(int(s), float(v)) for s, v in state["history"].tolist()]
+        start_epoch, train_s, cpu_s = int(state["epoch"]), float(state["train_s"]), float(state["cpu_s"])
+        print(f"[t2i_train] resuming after epoch {start_epoch}", flush=True)
+
+    denoise = unet_denoiser(unet)
+    grid_p, grid_s, grid_rows = grid_prompts_and_seeds(class_prompts())
+    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="t2i_train")
+    for epoch in range(start_epoch, cfg.epochs):
+        started, cpu_started = time.time(), time.process_time()
+        unet.train()
+        text.train()
+        order = torch.randperm(len(ids), generator=gen)
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            idx = order[i * batch: (i + 1) * batch]
+            z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(device)  # (B, C, h, w)
+            drop = (torch.rand(batch, generator=gen) < cfg.prompt_dropout)[:, None]  # (B, 1)
+            b_ids = torch.where(drop, null_ids, ids[idx]).to(device)
+            b_mask = torch.where(drop, null_mask, mask[idx]).to(device)
+            loss = diffusion_loss(denoise, scheduler, z, text(b_ids, b_mask), b_mask, gen)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, total, cfg.warmup_steps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
+            opt.step()
+            history.append((step, loss.item()))
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1][1]:.4f}")
+        unet.eval()
+        text.eval()
+        train_s += time.time() - started
+        cpu_s += time.process_time() - cpu_started
+        grid = model.generate(grid_p, grid_s, cfg.sample_steps, cfg.grid_guidance, cfg.sampler)
+        save_grid(grid, ctx.out_dir / "samples" / f"epoch_{epoch + 1:03d}.png", GRID_SEEDS, 3, grid_rows)
+        torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
+                    "gen": gen.get_state(), "history": torch.tensor(history), "epoch": epoch + 1,
+                    "train_s": train_s, "cpu_s": cpu_s}, ckpt)
+    bar.close()
+
+    model.save(ctx.out_dir)
+    ckpt.unlink()
+    window = max(1, steps_per_epoch // 2)
+    smooth = [(s, float(np.mean([v for _, v in history[max(0, i - window + 1): i + 1]])))
+              for i, (s, _) in enumerate(history)]
+    save_line_plot({"loss (moving avg)": smooth}, ctx.out_dir / "loss_curve.png",
+                   "t2i diffusion loss (epsilon MSE)", "step")
+    shutil.copyfile(ctx.out_dir / "samples" / f"epoch_{cfg.epochs:03d}.png", ctx.out_dir / "samples.png")
+
+    started = time.time()
+    quality = score(model, data, cfg, ctx.seed)
+    quality["eval_s"] = round(time.time() - started, 1)
+    (ctx.out_dir / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+    metrics = {
+        "unet_params": sum(p.numel() for p in unet.parameters()),
+        "text_params": sum(p.numel() for p in text.parameters()),
+        "steps": total,
+        "final_loss": round(float(np.mean([v for _, v in history[-steps_per_epoch:]])), 4),
+        "train_s": round(train_s, 1),
+        "train_cpu_s": round(cpu_s, 1),
+        "sampler": cfg.sampler,
+        "sample_steps": cfg.sample_steps,
+        **{k: v for k, v in quality.items() if k != "per_prompt"},
+    }
+    print_summary(metrics)
+    return StageResult(
+        outputs={"unet": "unet", "text_encoder": "text_encoder", "scheduler": "scheduler",
+                 "samples": "samples.png", "epoch_samples": "samples", "loss_curve": "loss_curve.png",
+                 "quality": "quality.json"},
+        metrics=metrics,
+    )
+
+
+def print_summary(metrics: dict) -> None:
+    """Print the stage's key figures as a rich table."""
+    table = Table(title="t2i_train: latent diffusion, judged")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, str(v))
+    Console().print(table)
