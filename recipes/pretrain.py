@@ -44,6 +44,7 @@ from pipeline.stage import StageContext, StageResult
 from recipes.hf_export import export_llama
 from recipes.megatron_model import build_gpt_model, init_model_parallel
 from recipes.models import ModelRecipe, get_model_recipe
+from recipes.plots import save_loss_curve
 from recipes.pretrain_checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from recipes.pretrain_data import batch, build_gpt_datasets, causal_mask, train_blend, unigram_loss
 from recipes.stages import PretrainConfig
@@ -224,28 +225,6 @@ def train(
     return state
 
 
-def plot_loss_curve(state: dict, unigram: float, path: Path) -> Path:
-    """Draw train/validation loss against step (and the unigram baseline) to a PNG at `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*state["train"]), label="train", linewidth=1)
-    if state["val"]:
-        ax.plot(*zip(*state["val"]), "o-", label="validation")
-    ax.axhline(unigram, color="gray", linestyle="--", label="unigram baseline")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 @torch.no_grad()
 def hf_logits_max_abs_diff(model: torch.nn.Module, hf_dir: Path, tokens: torch.Tensor, vocab_size: int) -> float:
     """Return max |logits| difference between the Megatron model and the HF Llama loaded from `hf_dir`.
@@ -343,7 +322,8 @@ def run(ctx: StageContext) -> StageResult:
     labels = torch.cat([b["labels"] for b in valid_batches])
     loss_mask = torch.cat([b["loss_mask"] for b in valid_batches])
     unigram = unigram_loss(data_dir, vocab_size, labels, loss_mask)
-    plot_loss_curve(state, unigram, ctx.out_dir / "loss_curve.png")
+    save_loss_curve(ctx.out_dir / "loss_curve.png", state["train"], state["val"], "validation",
+                    "loss (nats/token)", baseline=(unigram, "unigram baseline"))
 
     shutil.rmtree(ctx.out_dir / "hf", ignore_errors=True)  # a half-written export of a killed run
     hf_dir = export_llama(model, recipe, tokenizer_dir, seq_length, ctx.out_dir / "hf")

@@ -48,6 +48,7 @@ from recipes.instructions import (
     read_user_instructions,
     write_jsonl,
 )
+from recipes.plots import save_loss_curve
 from recipes.sft_recipes import resolve_config
 from recipes.stages import SFTConfig
 
@@ -186,26 +187,6 @@ def fine_tune(
     return log
 
 
-def plot_loss_curve(log: dict, val_before: float, path: Path) -> Path:
-    """Draw train loss per step and held-out loss (step 0 = before tuning) to a PNG at `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(log["train"]) + 1), log["train"], label="train", linewidth=1)
-    ax.plot(*zip(*([(0, val_before)] + log["val"])), "o-", label="held-out")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss on answer tokens (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def save_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SFTConfig, out_dir: Path
 ) -> dict[str, str]:
@@ -258,7 +239,9 @@ def run(ctx: StageContext) -> StageResult:
     train_time = time.time() - train_started
     val_after = log["val"][-1][1] if log["val"] else val_before
     outputs = save_model(model, tokenizer, cfg, ctx.out_dir)
-    plot_loss_curve(log, val_before, ctx.out_dir / "loss_curve.png")
+    train_curve = list(enumerate(log["train"], start=1))
+    save_loss_curve(ctx.out_dir / "loss_curve.png", train_curve, [(0, val_before)] + log["val"], "held-out",
+                    "loss on answer tokens (nats/token)")
     losses = log["train"]
     train_tokens = sum(len(r["input_ids"]) for r in rows)
     metrics = {
