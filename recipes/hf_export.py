@@ -22,24 +22,12 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from recipes.models import ModelRecipe
-
-# Transformer Engine's layer spec fuses each norm into the linear that follows it.
-TE_TO_LOCAL = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
-
+from recipes.sharding import placements
 
 def megatron_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Return the model's weights by local-spec name (TE names renamed, `_extra_state` dropped)."""
-    tensors = {}
-    for name, value in model.state_dict().items():
-        if name.endswith("_extra_state"):
-            continue
-        for te, local in TE_TO_LOCAL.items():
-            name = name.replace(te, local)
-        tensors[name] = value.detach()
-    return tensors
+    """Return the weights of a one-process model (TP = PP = 1) by canonical local-spec name (TE names renamed)."""
+    table = placements(model)
+    return {table[name].name: param.detach() for name, param in model.named_parameters()}
 
 
 def rope_parameters(recipe: ModelRecipe) -> dict:
@@ -145,8 +133,10 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], recipe: ModelRecipe, padded_voca
     return tensors
 
 
-def export_llama(model: torch.nn.Module, recipe: ModelRecipe, tokenizer_dir: Path, seq_length: int, out_dir: Path) -> Path:
-    """Write `model` as an HF Llama checkpoint in `out_dir`; return it.
+def export_llama(
+    tensors: dict[str, torch.Tensor], recipe: ModelRecipe, tokenizer_dir: Path, seq_length: int, out_dir: Path
+) -> Path:
+    """Write the model of canonical Megatron `tensors` (whole, not sharded) as an HF Llama checkpoint; return `out_dir`.
 
     `out_dir` gets config.json, generation_config.json, model.safetensors and the
     files of `tokenizer_dir` copied verbatim (the tokenizer the model was trained with).
@@ -160,7 +150,7 @@ def export_llama(model: torch.nn.Module, recipe: ModelRecipe, tokenizer_dir: Pat
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    state = megatron_to_hf(megatron_tensors(model), recipe, len(tokenizer))
+    state = megatron_to_hf(tensors, recipe, len(tokenizer))
     hf_model = LlamaForCausalLM(config)
     hf_model.load_state_dict(state, strict=True)
     hf_model.save_pretrained(out_dir)

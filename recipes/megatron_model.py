@@ -1,19 +1,24 @@
-"""Build a Llama-shaped megatron-core `GPTModel` from a `ModelRecipe`.
+"""Build a Llama-shaped megatron-core `GPTModel` from a `ModelRecipe`, on any parallel layout.
 
-The model code is the same on a laptop and a cluster; what differs is set up
-around it. CPU (the embedded default): one process, a torch.distributed world
-of size 1 (`gloo`, in-memory store), megatron's parallel state with TP = PP = 1,
-the local layer spec (plain torch modules; core attention through torch SDPA),
-CPU initialisation and the shims of `recipes.cpu_shims`. GPU: the Transformer
-Engine layer spec when TE imports (else the same local spec), the CUDA RNG
-tracker seeded by megatron-core; under torchrun `recipes.pretrain_gpu` sets up
-the parallel state (TP/PP/CP/DP) before `build_gpt_model` builds this rank's
-part of the model.
+The model code is the same on a laptop and a cluster; only the device and the
+torch.distributed backend differ. `init_parallel` sets up megatron's parallel
+state (TP x PP x CP from the recipe's `Parallelism`, DP = the rest of the
+world) over the process group of the launch (torchrun or srun: set up by
+`pipeline.ranks`; a one-process in-memory world otherwise): gloo and the shims
+of `recipes.cpu_shims` on CPUs, NCCL and megatron's CUDA RNG tracker on GPUs.
+`build_gpt_model` builds this rank's part of the model (its pipeline stage,
+its tensor-parallel shards) with the local layer spec (core attention through
+torch SDPA, fused SwiGLU) or the Transformer Engine spec on GPUs where TE
+imports, and initialises it from `recipes.sharding`, so every layout starts
+from the same weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +32,8 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from recipes.cpu_shims import apply_cpu_shims
-from recipes.models import ModelRecipe
+from recipes.models import ModelRecipe, Parallelism
+from recipes.sharding import init_weights
 
 # TransformerLayer names the MLP classes it knows and logs every other one (our SwiGLUMLP), once per layer;
 # the kwargs it then omits (the TP group) default to megatron's parallel state, as for its own MLP.
@@ -36,24 +42,102 @@ logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
 )
 
 
-def init_model_parallel(seed: int) -> str:
-    """Set up a one-process torch.distributed world and megatron's parallel state once; return the device.
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place in the parallel layout."""
 
-    Idempotent: a second call in the same process only re-applies the RNG setup.
+    rank: int
+    size: int
+    data_parallel_rank: int
+    data_parallel_size: int
+    device: str  # "cpu" or "cuda"
+
+    @property
+    def is_main(self) -> bool:
+        """Return True on global rank 0, the rank that logs and writes outputs."""
+        return self.rank == 0
+
+
+def virtual_stages(par: Parallelism) -> int:
+    """Return the number of model chunks per rank: the virtual pipeline size when the pipeline is split."""
+    return par.virtual_pipeline if par.pipeline > 1 else 1
+
+
+def has_transformer_engine() -> bool:
+    """Return True when Transformer Engine imports."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _init_process_group(cuda: bool) -> None:
+    """Join the launch's process group (env:// under torchrun/srun), or make a one-process in-memory world."""
+    if torch.distributed.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        return
+    if cuda:
+        torch.cuda.set_device(0)
+    store = torch.distributed.HashStore()  # in memory: no port, no file
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", store=store, rank=0, world_size=1)
+
+
+def _current_sizes() -> tuple[int, int, int, int]:
+    return (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+        parallel_state.get_context_parallel_world_size(),
+    )
+
+
+def init_parallel(par: Parallelism, seed: int) -> World:
+    """Set up torch.distributed and megatron's parallel state for `par` (idempotent); return this rank's World.
+
+    The world size must be a multiple of TP x PP x CP; CP needs Transformer
+    Engine's attention. A state set up for other sizes is replaced.
     """
     cuda = torch.cuda.is_available()
-    if not torch.distributed.is_initialized():
-        store = torch.distributed.HashStore()  # in memory: no port, no file
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=store, rank=0, world_size=1)
-    if torch.distributed.get_world_size() != 1:
-        raise NotImplementedError("the pretrain loop runs one process; data parallelism is not wired in")
+    _init_process_group(cuda)
+    size = torch.distributed.get_world_size()
+    model_parallel = par.tensor * par.pipeline * par.context
+    if size % model_parallel:
+        raise ValueError(
+            f"{size} process(es) cannot hold TP {par.tensor} x PP {par.pipeline} x CP {par.context}: launch a "
+            f"multiple of {model_parallel} ranks (--nproc-per-node), or lower pretrain.tensor_parallel, "
+            "pretrain.pipeline_parallel, pretrain.context_parallel"
+        )
+    if par.context > 1 and not has_transformer_engine():
+        raise ValueError("context parallelism needs Transformer Engine's attention (not installed): "
+                         "set pretrain.context_parallel=1")
+    vpp = virtual_stages(par)
+    wanted = (par.tensor, par.pipeline, vpp, par.context)
+    if parallel_state.model_parallel_is_initialized() and _current_sizes() != wanted:
+        parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=par.tensor,
+            pipeline_model_parallel_size=par.pipeline,
+            virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+            context_parallel_size=par.context,
+        )
     if cuda:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
-        return "cuda"
-    apply_cpu_shims()
-    return "cpu"
+    else:
+        apply_cpu_shims()
+    return World(
+        rank=torch.distributed.get_rank(),
+        size=size,
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+        device="cuda" if cuda else "cpu",
+    )
+
+
+def init_model_parallel(seed: int) -> str:
+    """Set up a one-process world (TP = PP = 1) for single-model use; return the device."""
+    return init_parallel(Parallelism(), seed).device
 
 
 class SDPADotProductAttention(DotProductAttention):
@@ -158,28 +242,32 @@ def layer_spec(device: str) -> ModuleSpec:
     return spec
 
 
-def transformer_config(recipe: ModelRecipe, device: str, parallel: bool = False) -> TransformerConfig:
+def transformer_config(recipe: ModelRecipe, device: str, bf16: bool = False) -> TransformerConfig:
     """Return the megatron TransformerConfig of a Llama-shaped recipe (fp32 weights, no dropout, no biases).
 
-    `parallel`: take TP/PP/CP sizes from the recipe's parallelism (the GPU path
-    under torchrun, where it is also the world megatron's parallel state was set
-    up with) and run the forward under bf16 autocast; else one process in fp32.
+    TP/PP/CP sizes are the recipe's parallelism (the layout megatron's parallel
+    state was set up with). Losses are per token: megatron's schedules sum each
+    micro-batch's token losses and divide the gradients by the step's token
+    count over all data-parallel ranks, so any layout computes the same global
+    token mean. `bf16` on CUDA runs the forward under bf16 autocast (the
+    weights stay fp32); CPUs always run fp32.
     """
-    par = recipe.parallelism if parallel else None
-    sizes = {}
-    if par is not None:
-        sizes = dict(
-            tensor_model_parallel_size=par.tensor,
-            pipeline_model_parallel_size=par.pipeline,
-            virtual_pipeline_model_parallel_size=par.virtual_pipeline if par.virtual_pipeline > 1 else None,
-            context_parallel_size=par.context,
-            sequence_parallel=par.sequence_parallel and par.tensor > 1,
-            pipeline_dtype=torch.float32,  # fp32 weights: the residual stream between stages is fp32
-            enable_autocast=True,  # megatron's schedules run each forward under torch.autocast
-            autocast_dtype=torch.bfloat16,
-        )
+    par = recipe.parallelism
+    autocast = bf16 and device == "cuda"
     return TransformerConfig(
-        **sizes,
+        tensor_model_parallel_size=par.tensor,
+        pipeline_model_parallel_size=par.pipeline,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline if virtual_stages(par) > 1 else None,
+        context_parallel_size=par.context,
+        sequence_parallel=par.sequence_parallel and par.tensor > 1,
+        pipeline_dtype=torch.float32,  # fp32 weights: the residual stream between stages is fp32
+        # gloo matches a batch of p2p ops to the same peer by order only: with PP = 2 (previous = next stage)
+        # the interleaved schedule's batched send-forward + send-backward would land in the wrong buffers.
+        # Unbatched, megatron sends the two directions over two process groups.
+        batch_p2p_comm=device == "cuda",
+        enable_autocast=autocast,  # megatron's schedules run each forward under torch.autocast
+        autocast_dtype=torch.bfloat16 if autocast else None,
+        calculate_per_token_loss=True,
         num_layers=recipe.num_layers,
         hidden_size=recipe.hidden_size,
         num_attention_heads=recipe.num_attention_heads,
@@ -195,7 +283,9 @@ def transformer_config(recipe: ModelRecipe, device: str, parallel: bool = False)
         attention_dropout=0.0,
         init_method_std=recipe.init_method_std,
         params_dtype=torch.float32,
-        use_cpu_initialization=device == "cpu",
+        # megatron initialises (and marks its tensor-parallel weights) on the CPU; recipes.sharding then sets
+        # every weight to its part of the canonical model, the same on every layout.
+        use_cpu_initialization=True,
         # The fusions below are CUDA kernels; their torch fallbacks are what runs on CPU.
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
@@ -211,21 +301,19 @@ def build_gpt_model(
     vocab_size: int,
     seed: int,
     seq_length: int = 0,
-    parallel: bool = False,
     vp_stage: int | None = None,
+    bf16: bool = False,
 ) -> GPTModel:
-    """Return a freshly initialised GPTModel for `recipe` (weights drawn from `seed`).
+    """Return this rank's part of a fresh GPTModel for `recipe`, initialised from `seed` layout-independently.
 
     `vocab_size` is the tokenizer's; the embedding is padded to the recipe's
-    multiple (times TP). `seq_length` (0 = the recipe's) sets the longest
-    sequence the model is built for. Without `parallel`, sets up a one-process
-    world first; with it (`recipes.pretrain_gpu`, parallel state already set
-    up), builds this rank's pipeline stage (its virtual stage `vp_stage` when
-    the pipeline is interleaved) with the recipe's TP/PP/CP sizes.
+    multiple. `seq_length` (0 = the recipe's) sets the longest sequence the
+    model is built for. Sets up the parallel state of the recipe's layout when
+    it is not (a one-process world for a recipe without parallelism);
+    `vp_stage` picks the virtual pipeline stage when the pipeline is interleaved.
     """
-    device = "cuda" if parallel else init_model_parallel(seed)
-    torch.manual_seed(seed)
-    config = transformer_config(recipe, device, parallel)
+    device = init_parallel(recipe.parallelism, seed).device
+    config = transformer_config(recipe, device, bf16)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(device),
@@ -240,4 +328,5 @@ def build_gpt_model(
         rope_scaling_factor=recipe.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
+    init_weights(model, seed, recipe.init_method_std, recipe.num_layers)
     return model.to(device)

@@ -19,6 +19,7 @@ replaces fields, which is how the pretrain stage's CLI overrides reach a recipe.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 
@@ -70,8 +71,12 @@ class ModelRecipe:
         return self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, vocab_size: int, tensor_parallel: int = 1) -> int:
-        """Return `vocab_size` rounded up to a multiple of `vocab_multiple` x `tensor_parallel`."""
-        multiple = self.vocab_multiple * tensor_parallel
+        """Return `vocab_size` rounded up to a multiple of both `vocab_multiple` and `tensor_parallel`.
+
+        The same size for every TP size that divides `vocab_multiple`: layouts
+        then train the same model (the padding rows enter the softmax).
+        """
+        multiple = math.lcm(self.vocab_multiple, tensor_parallel)
         return -(-vocab_size // multiple) * multiple
 
     def num_params(self, vocab_size: int | None = None) -> int:

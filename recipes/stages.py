@@ -18,7 +18,8 @@ class PretrainConfig:
     max_steps: int = 250
     eval_every: int = 100
     checkpoint_every: int = 50
-    micro_batch_size: int = 8  # sequences per forward pass (per data-parallel rank on GPUs)
+    keep_checkpoints: int = 2  # newest sharded checkpoints kept under checkpoint/
+    micro_batch_size: int = 8  # sequences per forward pass per data-parallel rank
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     seq_length: int = 0  # 0 = the model recipe's
     num_layers: int = 0
@@ -27,9 +28,10 @@ class PretrainConfig:
     num_query_groups: int = 0
     ffn_hidden_size: int = 0
     rotary_base: float = 0.0
-    tensor_parallel: int = 0  # TP/PP/CP: GPU only (torchrun world = TP * PP * CP * DP)
+    tensor_parallel: int = 0  # world = TP * PP * CP * DP ranks (--nproc-per-node, or the Slurm job's)
     pipeline_parallel: int = 0
-    context_parallel: int = 0
+    virtual_pipeline_parallel: int = 0  # interleaved 1F1B: model chunks per pipeline rank
+    context_parallel: int = 0  # needs Transformer Engine (GPU)
     data_prefixes: tuple[str, ...] = ()  # indexed datasets to blend; () = the tokenize train split
     data_weights: tuple[float, ...] = ()  # one relative weight per data prefix
     bf16: bool = True  # bf16 autocast where the device has it (CUDA); CPU always trains in fp32
