@@ -76,9 +76,9 @@ def main() -> None:
     cfg_schedule = PretrainConfig(**{**cfg.__dict__, "max_steps": args.steps})  # the lr schedule of the whole run
     chunks = build_model_chunks(recipe, VOCAB, seed=7, seq_length=SEQ)
     optimizer = make_optimizer(chunks, cfg)
-    train_ds, valid = MarkovCorpus(args.steps * args.global_batch, seed=1), MarkovCorpus(16, seed=2)
+    train_ds, valid = MarkovCorpus(args.steps * args.global_batch, seed=1), MarkovCorpus(8, seed=2)
     valid_batches = [{k: torch.stack([valid[i][k] for i in range(j, j + args.micro_batch)]) for k in valid[0]}
-                     for j in range(0, 4 * args.micro_batch, args.micro_batch)]
+                     for j in range(0, 8, args.micro_batch)]  # the same 8 samples on every layout
     root = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out).with_suffix(".ckpt")
     state = train(chunks, optimizer, train_ds, valid_batches, cfg, SEQ, world,
                   lambda step, _: lr_at(step, cfg_schedule), root, {"tp": args.tp, "pp": args.pp}, None)
