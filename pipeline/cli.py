@@ -1,6 +1,6 @@
 """The `aigc` command line: run the chain, run one stage, show status, serve and query.
 
-    aigc run [--config tiny] [--run-dir runs/tiny] [--executor local|slurm] [--dry-run] [key=value ...]
+    aigc run [--config tiny] [--run-dir runs/tiny] [--executor local|slurm] [--nproc-per-node N] [--dry-run] [key=value ...]
     aigc run --executor slurm [--cluster NAME] [--cluster-profile PATH] [--detach] [...]
     aigc status [--run-dir runs/tiny]        (Slurm job ids and states too)
     aigc logs STAGE [--run-dir runs/tiny]    / aigc cancel [STAGE ...] [--run-dir runs/tiny]
@@ -60,6 +60,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="cluster profile to submit to (slurm; default: the only one in the profile file)")
     p.add_argument("--cluster-profile", default=None, metavar="PATH",
                    help=f"cluster profile file (slurm; default: {DEFAULT_PROFILE_PATH})")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="local executor: run the training stages pretrain, sft and align as N torchrun ranks "
+                   "on this machine (gloo on CPU, one torch thread per rank unless threads=K; default 1); on Slurm "
+                   "the cluster profile's ntasks_per_node / gpus_per_node decide")
     p.add_argument("--detach", action="store_true",
                    help="slurm: return once the jobs are submitted; follow them with `aigc status`")
     p.add_argument("--dry-run", action="store_true",
@@ -225,7 +229,7 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
         console.print("[green]Every stage is cached: nothing to run.")
     else:
         states = run_stages(run_dir, configs, todo, executor=args.executor, output_dir=output_dir,
-                            profile=profile, detach=args.detach)
+                            profile=profile, detach=args.detach, nproc_per_node=args.nproc_per_node)
         if "submitted" in states.values():
             console.print(f"Submitted {', '.join(todo)} to cluster {profile.name}: follow with "
                           f"`aigc status --run-dir {run_dir}` and `aigc logs STAGE --run-dir {run_dir}`.")
@@ -239,7 +243,8 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
     failed = [n for n, s in states.items() if s != "completed"]
     if failed:
         console.print(f"[red]Stage {failed[0]} did not complete; its log: `aigc logs {failed[0]} --run-dir "
-                      f"{run_dir}`; its failure record: {run_dir}/{failed[0]}.tmp/failure.json")
+                      f"{run_dir}`; its failure record: {run_dir}/{failed[0]}.tmp/failure.json "
+                      "(failure.rank<N>.json for a rank of a multi-process stage)")
         return 1
     _print_answer(run_dir)
     return 0

@@ -1,7 +1,10 @@
 """Runs planned stages as NeMo-Run tasks: one `run.Partial` per stage in one `run.Experiment`.
 
 The executor is chosen here, at launch, from its name; recipes never name one.
-`local` runs the stages one after another on this machine. `slurm` submits
+`local` runs the stages one after another on this machine; with
+`nproc_per_node` N > 1 the stages whose launcher is torchrun
+(pipeline.clusters.DEFAULT_LAUNCHERS: pretrain, sft, align) run as N torchrun
+ranks here (rendezvous on localhost, a free port; gloo on CPU). `slurm` submits
 every stage at once, each as its own job with the resources its cluster
 profile gives it (pipeline.clusters), chained by NeMo-Run with `afterok` job
 dependencies; a failed job cancels the jobs downstream of it.
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline import jobs
-from pipeline.clusters import ClusterProfile
+from pipeline.clusters import DEFAULT_LAUNCHERS, ClusterProfile
 from pipeline.config import ConfigError
 from pipeline.runner import configs_to_json, make_plan, stage_dir, stage_state
 
@@ -26,11 +29,19 @@ EXECUTORS = ("local", "slurm")
 
 
 def make_executor(name: str, stage: str = "", profile: ClusterProfile | None = None,
-                  env: dict[str, str] | None = None) -> Any:
-    """Return the NeMo-Run executor called `name` for `stage` (slurm: from the cluster `profile`)."""
+                  env: dict[str, str] | None = None, nproc_per_node: int = 1) -> Any:
+    """Return the NeMo-Run executor called `name` for `stage` (slurm: from the cluster `profile`).
+
+    local: a torchrun stage (DEFAULT_LAUNCHERS) with `nproc_per_node` > 1 runs
+    as that many torchrun ranks; NeMo-Run then starts `torchrun --nnodes 1
+    --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint localhost:0` (port 0:
+    a free one). Any other stage runs as one process.
+    """
     import nemo_run as run
 
     if name == "local":
+        if nproc_per_node > 1 and DEFAULT_LAUNCHERS.get(stage) == "torchrun":
+            return run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun", env_vars=dict(env or {}))
         return run.LocalExecutor(env_vars=dict(env or {}))
     if name == "slurm":
         if profile is None:
@@ -61,14 +72,15 @@ def _check_launchers(configs: dict[str, Any], names: list[str], profile: Cluster
 
 def _build_experiment(exp: Any, run_dir: Path, configs: dict[str, Any], names: list[str], executor: str,
                       profile: ClusterProfile | None, output_dir: str, task: Callable,
-                      env: dict[str, str] | None) -> None:
+                      env: dict[str, str] | None, nproc_per_node: int = 1) -> None:
     """Add one task per stage to the experiment `exp`."""
     import nemo_run as run
 
     blob = configs_to_json(configs)
     for name in names:
         partial = run.Partial(task, run_dir=str(run_dir), name=name, configs_json=blob, output_dir=output_dir)
-        exp.add(partial, executor=make_executor(executor, name, profile, env), name=name, tail_logs=True)
+        exp.add(partial, executor=make_executor(executor, name, profile, env, nproc_per_node), name=name,
+                tail_logs=True)
 
 
 def _record_jobs(exp: Any, run_dir: Path, plan: dict[str, Any], executor: str,
@@ -96,7 +108,8 @@ def _record_jobs(exp: Any, run_dir: Path, plan: dict[str, Any], executor: str,
 
 def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executor: str = "local",
                output_dir: str = "", task: Callable | None = None, profile: ClusterProfile | None = None,
-               detach: bool = False, env: dict[str, str] | None = None) -> dict[str, str]:
+               detach: bool = False, env: dict[str, str] | None = None,
+               nproc_per_node: int = 1) -> dict[str, str]:
     """Run `names` in order as NeMo-Run tasks; return stage -> 'completed' | 'failed' | 'not run' | 'submitted'.
 
     local: stages run one after another; a stage whose upstream failed stops at
@@ -105,7 +118,12 @@ def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executo
     them (and marks a stage whose job Slurm killed as failed); with `detach` it
     returns after submission ('submitted'). `task` is the task body (default
     `pipeline.runner.stage_task`); `env` adds environment variables to the tasks.
+    `nproc_per_node` (local only) runs the torchrun stages as that many ranks
+    here; on Slurm the cluster profile decides.
     """
+    if nproc_per_node < 1 or (nproc_per_node > 1 and executor != "local"):
+        raise ConfigError(f"nproc_per_node={nproc_per_node}: a positive number of ranks, for the local executor; "
+                          "on Slurm set ntasks_per_node / gpus_per_node in the cluster profile")
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     _use_nemo_run_home(run_dir)
@@ -124,7 +142,8 @@ def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executo
             raise ConfigError(f"already submitted and not finished: {listed}; wait, or `aigc cancel`")
     final_dirs = {n: Path(output_dir).resolve() if output_dir else stage_dir(run_dir, n) for n in names}
     with run.Experiment("aigc", log_level="WARN", enable_goodbye_message=False) as exp:
-        _build_experiment(exp, run_dir, configs, names, executor, profile, output_dir, task or stage_task, env)
+        _build_experiment(exp, run_dir, configs, names, executor, profile, output_dir, task or stage_task, env,
+                          nproc_per_node)
         try:
             exp.run(sequential=True, detach=detach and executor == "slurm", tail_logs=True)
         except UnexpectedExit as exc:  # sbatch refused a job: say why, without the traceback

@@ -6,6 +6,15 @@ inputs through `ctx.input_path(stage, role)`, writes only under `ctx.out_dir`
 the files it wrote plus its metrics. The runner (pipeline.runner) does the rest:
 fingerprints, caching, atomic rename, manifest.
 
+A stage may run as several processes (ranks: `aigc <stage> --nproc-per-node N`,
+or a Slurm job with more than one task). Every rank then runs the function with
+the same `ctx`, but for `ctx.rank`, `ctx.world_size` and `ctx.local_rank`, and
+with the default torch.distributed process group already joined. Rank 0 alone
+(`ctx.is_main`) prints progress bars and tables and writes the shared outputs;
+the other ranks may write their own files under `ctx.out_dir`. The outputs and
+metrics recorded are those rank 0 returns; the stage completes only where every
+rank returned.
+
 Packages other than `pipeline` register stages here by module path only, so the
 pipeline imports them lazily and never directly.
 """
@@ -81,6 +90,14 @@ class StageContext:
     inputs: dict[str, dict]  # upstream stage name -> its manifest (dict)
     threads: int = 1
     seed: int = 1234
+    rank: int = 0  # this process's rank among the stage's world_size processes
+    world_size: int = 1
+    local_rank: int = 0  # rank on this node (the GPU it uses)
+
+    @property
+    def is_main(self) -> bool:
+        """Return True on rank 0, the one rank that prints progress and writes shared outputs."""
+        return self.rank == 0
 
     def input_path(self, stage: str, role: str) -> Path:
         """Return the absolute path of output `role` of upstream `stage`."""

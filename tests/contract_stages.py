@@ -2,6 +2,8 @@
 
 Stage `b` counts in steps, checkpointing its progress in its work directory, so a
 kill in the middle can be resumed; env TOY_SLEEP_S makes it sleep between steps.
+Stage `r` (a -> r, registered but not in the chain's order) is run by every rank of
+a multi-process launch: each writes `rank<N>.txt` and all-reduces its rank (gloo).
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ class BConfig:
 @dataclasses.dataclass
 class CConfig:
     suffix: str = "!"
+
+
+@dataclasses.dataclass
+class RConfig:
+    fail_rank: int = -1  # this rank raises before the all-reduce: its peers block in it
+    fail_rank_late: int = -1  # this rank raises after the all-reduce: every rank reaches the runner's all-gather
 
 
 def run_a(ctx):
@@ -66,22 +74,39 @@ def run_c(ctx):
     return StageResult(outputs={"dir": "out"}, metrics={"chars": len(text) + 1})
 
 
+def run_r(ctx):
+    import torch
+    import torch.distributed as dist
+
+    (ctx.out_dir / f"rank{ctx.rank}.txt").write_text(ctx.input_path("a", "text").read_text())
+    if ctx.rank == ctx.config.fail_rank:
+        raise RuntimeError(f"planted failure on rank {ctx.rank}")
+    total = torch.tensor([ctx.rank])
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    if ctx.rank == ctx.config.fail_rank_late:
+        raise RuntimeError(f"planted failure on rank {ctx.rank}")
+    return StageResult(outputs={"rank0": "rank0.txt"},
+                       metrics={"rank_sum": int(total), "world_size": ctx.world_size, "rank": ctx.rank})
+
+
 STAGES = {
     "a": Stage("a", AConfig, "contract_stages:run_a", code=("tests/contract_stages.py",)),
     "b": Stage("b", BConfig, "contract_stages:run_b", inputs=("a",), code=("tests/contract_stages.py",)),
     "c": Stage("c", CConfig, "contract_stages:run_c", inputs=("b",), code=("tests/contract_stages.py",)),
+    "r": Stage("r", RConfig, "contract_stages:run_r", inputs=("a",), code=("tests/contract_stages.py",)),
 }
 
 
 def install() -> None:
     """Point the pipeline's stage registry at these toy stages."""
     registry.STAGE_ORDER = ("a", "b", "c")
-    registry.STAGE_MODULES = {n: "contract_stages" for n in registry.STAGE_ORDER}
+    registry.STAGE_MODULES = {n: "contract_stages" for n in STAGES}
 
 
 def configs(**overrides) -> dict:
     """Return a config dict for the toy chain."""
-    cfg = {"run": RunConfig(), "a": AConfig(), "b": BConfig(), "c": CConfig()}
+    cfg = {"run": RunConfig(), "a": AConfig(), "b": BConfig(), "c": CConfig(), "r": RConfig()}
     for key, value in overrides.items():
         section, field = key.split("__")
         setattr(cfg[section], field, value)
