@@ -213,7 +213,7 @@ def cpu_benchmark(args) -> None:
 
 def gpu_benchmark(args) -> None:
     """Print the GPU table: the stage's megatron-core DDP path vs an HF loop, bf16 autocast, MFU."""
-    from recipes import pretrain_gpu
+    from recipes import pretrain_loop
     from recipes.stages import PretrainConfig
 
     recipe = get_model_recipe(args.model)
@@ -221,9 +221,8 @@ def gpu_benchmark(args) -> None:
     seq, batch = args.seqs[0], args.batch
     peak_measured = matmul_peak_gflops("cuda", torch.bfloat16, sizes=(4096, 8192), repeats=10) / 1e3  # TFLOP/s
     cfg = PretrainConfig(model=args.model, micro_batch_size=batch, lr=1e-4, min_lr=1e-4, warmup_steps=0)
-    world = pretrain_gpu.init_parallel(recipe.parallelism, seed=0)
-    chunks = pretrain_gpu.build_model_chunks(recipe, args.vocab_size, 0, seq)
-    optimizer = pretrain_gpu.make_optimizer(chunks, cfg)
+    chunks = pretrain_loop.build_model_chunks(recipe, args.vocab_size, 0, seq, bf16=True)
+    optimizer = pretrain_loop.make_optimizer(chunks, cfg)
     hf = LlamaForCausalLM(llama_config(recipe, args.vocab_size, seq)).cuda()
     hf_optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -231,7 +230,7 @@ def gpu_benchmark(args) -> None:
     def ours_step():
         tokens = torch.randint(0, args.vocab_size, (batch, seq + 1), device="cuda", generator=gen)
         data = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(batch, seq, device="cuda")}
-        return pretrain_gpu.train_step(chunks, optimizer, [data], seq, lr=1e-4)[0]
+        return pretrain_loop.train_step(chunks, optimizer, [data], seq, lr=1e-4)[0]
 
     def hf_step():
         tokens = torch.randint(0, args.vocab_size, (batch, seq + 1), device="cuda", generator=gen)
@@ -270,8 +269,7 @@ def gpu_benchmark(args) -> None:
     console.print(table)
     console.print(
         f"bf16 torch.mm peak measured (n=4096/8192): {peak_measured:.0f} TFLOP/s; datasheet dense bf16 "
-        f"{args.peak_tflops:.0f}; {recipe.num_params(vocab):,} params, {flops / 1e6:.1f} MFLOP per token; "
-        f"world {world.size}"
+        f"{args.peak_tflops:.0f}; {recipe.num_params(vocab):,} params, {flops / 1e6:.1f} MFLOP per token"
     )
 
 
