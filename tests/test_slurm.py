@@ -136,6 +136,7 @@ def test_sbatch_script_of_a_multinode_gpu_training_stage(tmp_path):
     assert arg["--rdzv-backend"] == "c10d" and arg["--rdzv-endpoint"].startswith("$head_node_ip:")
     assert arg["--node-rank"] == "$SLURM_NODEID"
     assert torchrun[-4:-1] == ["nemo_run.core.runners.fdl_runner", "-n", "pretrain"]
+    assert "--kill-on-bad-exit=1" in srun.split()  # NeMo-Run's own: a failing task ends the others
     assert not list((tmp_path / "run" / ".nemo_run" / "experiments" / "aigc").glob("aigc_*"))  # nothing left
 
 
@@ -243,6 +244,24 @@ def test_killed_job_is_failed_and_a_rerun_resubmits_only_the_unfinished_stages(s
     starts = [int(x) for x in (tmp_path / "b_calls.txt").read_text().split()]
     assert starts and starts[-1] >= 1  # b resumed from the checkpoint of its killed job
     assert (tmp_path / "c" / "out" / "c.txt").read_text() == "hello!"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_stage_runs_as_the_tasks_of_its_job(slurm_cluster, toy, monkeypatch, tmp_path):
+    # srun starts 2 tasks (launcher none): each finds its rank in SLURM_PROCID and the rendezvous from Slurm.
+    monkeypatch.setattr(registry, "STAGE_ORDER", registry.STAGE_ORDER + ("r",))  # a profile may name r
+    cfg = toy.configs()
+    execute_stage(str(tmp_path), "a", configs_to_json(cfg))
+    states = run_stages(tmp_path, cfg, ["r"], executor="slurm", task=toy.toy_stage_task,
+                        profile=loopback_profile(r={"ntasks_per_node": 2, "launcher": "none"}))
+    assert states == {"r": "completed"}
+    manifest = read_manifest(tmp_path, "r")
+    assert manifest["world_size"] == 2 and manifest["metrics"]["rank_sum"] == 1
+    assert sorted(p.name for p in (tmp_path / "r").glob("rank*.txt")) == ["rank0.txt", "rank1.txt"]
+    record = jobs.read_records(tmp_path)["r"]
+    assert "#SBATCH --ntasks-per-node=2" in Path(record.sbatch_script).read_text()
+    assert jobs.stage_logs(record).count("[aigc] r: completed") == 1  # rank 0 alone publishes
 
 
 @pytest.mark.slurm
