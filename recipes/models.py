@@ -63,7 +63,7 @@ class ModelRecipe:
     vocab_size: int = 0  # the real model's vocabulary (0 = whatever tokenizer is used)
     parallelism: Parallelism = Parallelism()
     global_batch_size: int = 0  # sequences per optimizer step at scale (0 = not a cluster recipe)
-    micro_batch_size: int = 1  # sequences per forward pass per GPU at scale
+    micro_batch_size: int = 1  # sequences per forward pass per data-parallel rank
 
     @property
     def head_dim(self) -> int:
@@ -104,7 +104,7 @@ def micro() -> ModelRecipe:
     """Return the smoke-test model: 20 steps of the whole chain in a few seconds."""
     return ModelRecipe(
         name="micro", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=128, seq_length=64,
+        ffn_hidden_size=128, seq_length=64, micro_batch_size=8,
     )
 
 
@@ -112,7 +112,7 @@ def tiny() -> ModelRecipe:
     """Return the embedded default: ~3M parameters with a 4k vocabulary, minutes on one CPU thread."""
     return ModelRecipe(
         name="tiny", num_layers=4, hidden_size=192, num_attention_heads=6, num_query_groups=2,
-        ffn_hidden_size=512, seq_length=256,
+        ffn_hidden_size=512, seq_length=256, micro_batch_size=8,
     )
 
 
@@ -120,7 +120,7 @@ def small() -> ModelRecipe:
     """Return a ~30M-parameter Llama (with a 4k vocabulary): the CPU benchmark, one GPU in minutes."""
     return ModelRecipe(
         name="small", num_layers=8, hidden_size=512, num_attention_heads=8, num_query_groups=2,
-        ffn_hidden_size=1536, seq_length=512, vocab_size=4096,
+        ffn_hidden_size=1536, seq_length=512, vocab_size=4096, micro_batch_size=8,
     )
 
 

@@ -22,7 +22,7 @@ import io
 from rich.console import Console
 from rich.table import Table
 
-from recipes.models import ModelRecipe
+from recipes.models import ModelRecipe, get_model_recipe
 
 GIB = 2**30
 
@@ -353,3 +353,43 @@ def describe_plan(recipe: ModelRecipe, layout: Layout, estimate: MemoryEstimate)
     console = Console(file=io.StringIO(), width=120, color_system=None)
     console.print(layout_table(recipe, layout, estimate))
     return console.file.getvalue()
+
+
+def stage_recipe(cfg) -> ModelRecipe:
+    """Return the model recipe `cfg.model` of a PretrainConfig with its architecture and parallelism overrides."""
+    return get_model_recipe(
+        cfg.model,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        rotary_base=cfg.rotary_base,
+        parallelism={"tensor": cfg.tensor_parallel, "pipeline": cfg.pipeline_parallel,
+                     "virtual_pipeline": cfg.virtual_pipeline_parallel, "context": cfg.context_parallel},
+    )
+
+
+def resolve_pretrain(cfg, world_size: int, transformer_engine: bool | None = None) -> tuple[ModelRecipe, Layout]:
+    """Return (recipe, layout) of a PretrainConfig on `world_size` ranks, or raise LayoutError with every problem.
+
+    The micro-batch size 0 takes the recipe's; the accumulation steps come from
+    the global batch where there is one (see `resolve_layout`).
+    """
+    recipe = stage_recipe(cfg)
+    layout = resolve_layout(recipe, world_size, cfg.micro_batch_size or recipe.micro_batch_size,
+                            cfg.global_batch_size, cfg.grad_accum_steps, cfg.seq_length,
+                            transformer_engine=transformer_engine)
+    return recipe, layout
+
+
+def dry_run(cfg, world_size: int, executor: str) -> Table:
+    """Return the plan table `aigc pretrain --dry-run` prints: layout, global batch, per-rank memory.
+
+    On Slurm the ranks are assumed to have Transformer Engine (a cluster
+    container); locally this machine is asked. The vocabulary is the recipe's
+    (or 4096, the embedded default's tokenizer, for a recipe without one).
+    """
+    recipe, layout = resolve_pretrain(cfg, world_size, transformer_engine=True if executor == "slurm" else None)
+    estimate = estimate_memory(recipe, layout, recipe.vocab_size or 4096, bf16=cfg.bf16, distributed_optimizer=False)
+    return layout_table(recipe, layout, estimate)

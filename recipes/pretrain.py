@@ -23,6 +23,7 @@ Every rank runs `run`; rank 0 alone prints, exports and returns the outputs
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import warnings
@@ -41,29 +42,15 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from pipeline.stage import StageContext, StageResult
 from recipes import dist_checkpoint
 from recipes.hf_export import export_llama
-from recipes.megatron_model import init_parallel, virtual_stages
-from recipes.models import ModelRecipe, get_model_recipe
+from recipes.megatron_model import init_parallel
+from recipes.models import ModelRecipe
+from recipes.parallel_plan import resolve_pretrain
 from recipes.plots import save_loss_curve
 from recipes.pretrain_data import batch, build_gpt_datasets, train_blend, unigram_loss
 from recipes.pretrain_loop import build_model_chunks, full_logits, make_optimizer, train
 from recipes.stages import PretrainConfig
 
 MAX_HF_LOGITS_DIFF = 1e-4
-
-
-def stage_recipe(cfg: PretrainConfig) -> ModelRecipe:
-    """Return the model recipe `cfg.model` with the config's architecture and parallelism overrides."""
-    return get_model_recipe(
-        cfg.model,
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        rotary_base=cfg.rotary_base,
-        parallelism={"tensor": cfg.tensor_parallel, "pipeline": cfg.pipeline_parallel,
-                     "virtual_pipeline": cfg.virtual_pipeline_parallel, "context": cfg.context_parallel},
-    )
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -125,12 +112,13 @@ def run(ctx: StageContext) -> StageResult:
     Returns the output roles and metrics on rank 0 (the other ranks return none).
     """
     cfg: PretrainConfig = ctx.config
-    counts = ("max_steps", "eval_every", "checkpoint_every", "micro_batch_size", "grad_accum_steps", "eval_batches")
+    counts = ("max_steps", "eval_every", "checkpoint_every", "eval_batches")
     if min(getattr(cfg, name) for name in counts) < 1:
         raise ValueError(f"pretrain: {', '.join(counts)} must be >= 1")
     torch.set_num_threads(ctx.threads)
-    recipe = stage_recipe(cfg)
-    seq_length = cfg.seq_length or recipe.seq_length
+    recipe, layout = resolve_pretrain(cfg, ctx.world_size)  # every problem of the layout, before any work
+    cfg = dataclasses.replace(cfg, micro_batch_size=layout.micro_batch_size, grad_accum_steps=layout.grad_accum_steps)
+    seq_length = layout.seq_length
     tokenizer_dir = ctx.input_path("tokenize", "tokenizer")
     data_dir = ctx.input_path("tokenize", "data")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -139,18 +127,15 @@ def run(ctx: StageContext) -> StageResult:
     tensorboard_dir = ctx.out_dir / "tensorboard" if cfg.tensorboard else None
 
     world = init_parallel(recipe.parallelism, ctx.seed)
-    samples_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world.data_parallel_size
+    samples_per_step = layout.global_batch_size
     train_ds, valid_ds = build_gpt_datasets(data_dir, tokenizer_dir, seq_length, cfg.max_steps * samples_per_step,
                                             ctx.seed, ctx.out_dir / "dataset_cache", blend)
     valid_batches = validation_batches(valid_ds, cfg, world.device)
     chunks = build_model_chunks(recipe, vocab_size, ctx.seed, seq_length, bf16=cfg.bf16)
     optimizer = make_optimizer(chunks, cfg)
-    layout = {"world_size": world.size, "tensor": recipe.parallelism.tensor, "pipeline": recipe.parallelism.pipeline,
-              "virtual_pipeline": virtual_stages(recipe.parallelism), "context": recipe.parallelism.context,
-              "data": world.data_parallel_size}
     checkpoint_root = ctx.out_dir / "checkpoint"
     state = train(chunks, optimizer, train_ds, valid_batches, cfg, seq_length, world, lr_at, checkpoint_root,
-                  layout, tensorboard_dir)
+                  dataclasses.asdict(layout), tensorboard_dir)
     padded_vocab = recipe.padded_vocab_size(vocab_size, recipe.parallelism.tensor)
     check_tokens = valid_batches[0]["tokens"]
     megatron_logits = full_logits(chunks, valid_batches, padded_vocab)
@@ -172,8 +157,9 @@ def run(ctx: StageContext) -> StageResult:
     train_tokens = state["consumed_samples"] * seq_length
     metrics = {
         "params": recipe.num_params(padded_vocab),
-        "layout": "TP{tensor} PP{pipeline} CP{context} DP{data}".format(**layout),
+        "layout": f"TP{layout.tensor} PP{layout.pipeline} CP{layout.context} DP{layout.data}",
         "world_size": world.size,
+        "global_batch_size": layout.global_batch_size,
         "steps": state["step"],
         "resumed_from_step": state["resumed_from"],
         "train_tokens": train_tokens,

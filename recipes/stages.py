@@ -19,8 +19,9 @@ class PretrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 50
     keep_checkpoints: int = 2  # newest sharded checkpoints kept under checkpoint/
-    micro_batch_size: int = 8  # sequences per forward pass per data-parallel rank
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    micro_batch_size: int = 0  # sequences per forward pass per data-parallel rank; 0 = the model recipe's
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (derived when there is a global batch)
+    global_batch_size: int = 0  # sequences per optimizer step; 0 = the recipe's, else micro x accumulation x DP
     seq_length: int = 0  # 0 = the model recipe's
     num_layers: int = 0
     hidden_size: int = 0

@@ -209,7 +209,7 @@ def test_llama_recipes_have_the_published_parameter_counts_and_parallelism():
 
 
 def test_config_overrides_reach_the_recipe():
-    from recipes.pretrain import stage_recipe
+    from recipes.parallel_plan import stage_recipe
 
     cfg = PretrainConfig(model="llama3_8b", num_layers=2, hidden_size=256, context_parallel=1, tensor_parallel=2)
     recipe = stage_recipe(cfg)
