@@ -92,6 +92,9 @@ def init_distributed(ranks: Ranks) -> bool:
     if dist.is_initialized():
         return False
     if torch.cuda.is_available():
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {ranks.local_rank} but {torch.cuda.device_count()} visible GPU(s): "
+                               "start at most one rank per GPU on each node")
         torch.cuda.set_device(ranks.local_rank)
         dist.init_process_group(backend="cpu:gloo,cuda:nccl", init_method="env://")
     else:
