@@ -99,3 +99,43 @@ def test_sigkill_of_the_whole_job_resumes_to_the_uninterrupted_result(one_rank, 
     assert resumed["resumed_from"] >= 6
     assert abs(resumed["val"][-1][1] - one_rank["val"][-1][1]) <= 1e-5 * abs(one_rank["val"][-1][1])
     assert len([p for p in ckpt.iterdir() if p.name.startswith("step_")]) == 2  # keep_checkpoints
+
+
+# --- the pretrain stage on two ranks, launched as users launch it ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenized_run(tmp_path_factory):
+    from test_pretrain import write_tokenized
+
+    return write_tokenized(tmp_path_factory.mktemp("tokenize"))
+
+
+def stage_run(tmp_path: Path, tokenized: Path, nproc: int, overrides: list[str]) -> dict:
+    """Run the pretrain stage of the smoke preset on `nproc` torchrun ranks (NeMo-Run); return its manifest."""
+    from pipeline.execution import run_stages
+    from pipeline.presets import resolve_configs
+    from test_pretrain import layout_run_dir
+
+    configs = resolve_configs("smoke", ["pretrain.global_batch_size=8", *overrides])
+    run_dir = layout_run_dir(tmp_path / "run", tokenized, configs)
+    states = run_stages(run_dir, configs, ["pretrain"], nproc_per_node=nproc)
+    assert states == {"pretrain": "completed"}, (run_dir / "pretrain.tmp").exists() and list(
+        (run_dir / "pretrain.tmp").glob("failure*.json"))
+    return json.loads((run_dir / "pretrain" / "manifest.json").read_text())
+
+
+def test_pretrain_stage_on_tp2_and_pp2_ranks_exports_the_one_rank_model(tmp_path, tokenized_run):
+    from transformers import LlamaForCausalLM
+
+    one = stage_run(tmp_path / "one", tokenized_run, 1, [])
+    for name, nproc, overrides in (("tp2", 2, ["pretrain.tensor_parallel=2"]),
+                                   ("pp2", 2, ["pretrain.pipeline_parallel=2"])):
+        run = stage_run(tmp_path / name, tokenized_run, nproc, overrides)
+        m = run["metrics"]
+        assert run["world_size"] == 2 and m["world_size"] == 2 and m["global_batch_size"] == 8
+        assert m["layout"] == {"tp2": "TP2 PP1 CP1 DP1", "pp2": "TP1 PP2 CP1 DP1"}[name]
+        assert m["hf_logits_max_abs_diff"] <= 1e-4  # export gathered the shards
+        assert abs(m["val_loss"] - one["metrics"]["val_loss"]) <= 1e-4 and m["params"] == one["metrics"]["params"]
+        hf = LlamaForCausalLM.from_pretrained(tmp_path / name / "run" / "pretrain" / "hf")
+        assert sum(p.numel() for p in hf.parameters()) > 0
