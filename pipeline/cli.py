@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -19,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import jobs
 from pipeline.clusters import DEFAULT_PROFILE_PATH, load_profile
-from pipeline.config import ConfigError
-from pipeline.execution import EXECUTORS, run_stages, sbatch_scripts
+from pipeline.config import ConfigError, RunConfig
+from pipeline.execution import EXECUTORS, run_stages, sbatch_scripts, set_world_size
 from pipeline.presets import PRESETS, resolve_configs
 from pipeline.runner import make_plan, stage_dir, stage_state
 from pipeline.stage import STAGE_ORDER, get_stage, upstream_closure
@@ -44,7 +46,8 @@ console = Console()
 
 OVERRIDES_HELP = (
     "key=value overrides: `stage.field=value` sets a stage setting (e.g. pretrain.max_steps=50), "
-    "`field=value` a run-wide one (threads=2, seed=7). Unknown keys are an error that lists the valid ones."
+    "`field=value` a run-wide one (threads=2, seed=7); in `aigc <stage>` a bare field is that stage's "
+    "(aigc pretrain model=small). Unknown keys are an error that lists the valid ones."
 )
 
 
@@ -193,9 +196,16 @@ def _load_run_configs(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _qualify(override: str, stage: str) -> str:
+    """Return `key=value` as `stage.key=value` when key names neither a section nor a run-wide setting."""
+    key = override.partition("=")[0]
+    run_wide = {f.name for f in dataclasses.fields(RunConfig)}
+    return override if "." in key or key in run_wide or "=" not in override else f"{stage}.{override}"
+
+
 def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
     """Run the chain (or `target` and its upstream); return the process exit code."""
-    overrides = list(args.overrides)
+    overrides = [_qualify(o, target) for o in args.overrides] if target else list(args.overrides)
     output_dir = ""
     if target == "curate" and args.input:
         overrides.append("curate.inputs=" + json.dumps([str(Path(p).resolve()) for p in args.input]))
@@ -206,12 +216,15 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
     names = upstream_closure([target]) if target else list(STAGE_ORDER)
     if output_dir:
         names = ["curate"]
+    profile = load_profile(args.cluster_profile, args.cluster) if args.executor == "slurm" else None
+    if set_world_size(configs, names, args.executor, profile, args.nproc_per_node) > 1:
+        overrides.append(f"world_size={configs['run'].world_size}")  # `aigc status` plans with it too
     plan = make_plan(run_dir, configs, names)
     if output_dir:
         plan[0].cached = stage_state(Path(output_dir), plan[0].fingerprint)[0] == "completed"
     _print_plan(plan, args.executor)
-    profile = load_profile(args.cluster_profile, args.cluster) if args.executor == "slurm" else None
     if args.dry_run:
+        _print_stage_plans(plan, configs, args.executor)
         if profile:
             todo = [p.name for p in plan if not p.cached]
             for name, script in sbatch_scripts(run_dir, configs, todo, profile).items():
@@ -248,6 +261,19 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
         return 1
     _print_answer(run_dir)
     return 0
+
+
+def _print_stage_plans(plan: list, configs: dict[str, Any], executor: str) -> None:
+    """Print what each stage to run says of itself in a dry run (e.g. pretrain: layout and memory per rank)."""
+    for item in plan:
+        describe = get_stage(item.name).load_dry_run()
+        if item.cached or describe is None:
+            continue
+        world = configs["run"].world_size if get_stage(item.name).multi_rank else 1
+        try:
+            console.print(describe(configs[item.name], world, executor))
+        except ValueError as exc:  # a layout the stage would refuse: say why now
+            raise ConfigError(f"{item.name}: {exc}") from None
 
 
 def cmd_logs(run_dir: Path, stage: str) -> int:
@@ -298,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in STAGE_ORDER:
             return cmd_run(args, target=args.command)
     except (ConfigError, KeyError, jobs.ClusterError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     parser.print_help()
     return 0

@@ -19,8 +19,8 @@ from pipeline.config import ConfigError
 
 DEFAULT_PROFILE_PATH = Path("~/.config/aigc/clusters.yaml")
 LAUNCHERS = ("none", "torchrun", "ray")
-# Launcher of a stage whose profile does not name one: training stages run under torchrun.
-DEFAULT_LAUNCHERS = {"pretrain": "torchrun", "sft": "torchrun", "align": "torchrun"}
+# Launcher of a stage whose profile does not name one: multi-rank training stages run under torchrun.
+DEFAULT_LAUNCHERS = {"pretrain": "torchrun"}
 PACKAGERS = ("none", "git")
 TUNNELS = ("local", "ssh")
 

@@ -23,8 +23,9 @@ class ConfigError(ValueError):
 class RunConfig:
     """Settings shared by every stage of a run."""
 
-    threads: int = 1  # torch intra-op threads; 1 is fastest on shared 2-core machines
+    threads: int = 1  # torch intra-op threads (per rank); 1 is fastest on shared 2-core machines
     seed: int = 1234
+    world_size: int = 1  # ranks of the multi-rank stages (pretrain); set by --nproc-per-node or the cluster profile
 
 
 def _parse_value(text: str, typ: Any, key: str) -> Any:

@@ -2,9 +2,9 @@
 
 The executor is chosen here, at launch, from its name; recipes never name one.
 `local` runs the stages one after another on this machine; with
-`nproc_per_node` N > 1 the stages whose launcher is torchrun
-(pipeline.clusters.DEFAULT_LAUNCHERS: pretrain, sft, align) run as N torchrun
-ranks here (rendezvous on localhost, a free port; gloo on CPU). `slurm` submits
+`nproc_per_node` N > 1 the multi-rank stages (`Stage.multi_rank`: pretrain)
+run as N torchrun ranks here (rendezvous on localhost, a free port; gloo on
+CPU), the others as one process. `slurm` submits
 every stage at once, each as its own job with the resources its cluster
 profile gives it (pipeline.clusters), chained by NeMo-Run with `afterok` job
 dependencies; a failed job cancels the jobs downstream of it.
@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline import jobs
-from pipeline.clusters import DEFAULT_LAUNCHERS, ClusterProfile
+from pipeline.clusters import ClusterProfile
 from pipeline.config import ConfigError
 from pipeline.runner import configs_to_json, make_plan, stage_dir, stage_state
+from pipeline.stage import get_stage, upstream_closure
 
 EXECUTORS = ("local", "slurm")
 
@@ -32,15 +33,15 @@ def make_executor(name: str, stage: str = "", profile: ClusterProfile | None = N
                   env: dict[str, str] | None = None, nproc_per_node: int = 1) -> Any:
     """Return the NeMo-Run executor called `name` for `stage` (slurm: from the cluster `profile`).
 
-    local: a torchrun stage (DEFAULT_LAUNCHERS) with `nproc_per_node` > 1 runs
-    as that many torchrun ranks; NeMo-Run then starts `torchrun --nnodes 1
+    local: a multi-rank stage with `nproc_per_node` > 1 runs as that many
+    torchrun ranks; NeMo-Run then starts `torchrun --nnodes 1
     --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint localhost:0` (port 0:
     a free one). Any other stage runs as one process.
     """
     import nemo_run as run
 
     if name == "local":
-        if nproc_per_node > 1 and DEFAULT_LAUNCHERS.get(stage) == "torchrun":
+        if nproc_per_node > 1 and get_stage(stage).multi_rank:
             return run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun", env_vars=dict(env or {}))
         return run.LocalExecutor(env_vars=dict(env or {}))
     if name == "slurm":
@@ -62,9 +63,43 @@ def _use_nemo_run_home(run_dir: Path) -> None:
     set_nemorun_home(os.environ["NEMORUN_HOME"])
 
 
+def set_world_size(configs: dict[str, Any], names: list[str], executor: str, profile: ClusterProfile | None,
+                   nproc_per_node: int) -> int:
+    """Set and return `configs["run"].world_size`: the ranks the multi-rank stages of `names` (and upstream) run as.
+
+    local: `nproc_per_node`; slurm: the processes the cluster profile gives
+    their jobs (one number for all of them).
+    """
+    multi = [n for n in upstream_closure(names) if get_stage(n).multi_rank]
+    if executor == "slurm" and profile is not None:
+        sizes = {slurm_processes(profile, n) for n in multi} or {1}
+        if len(sizes) > 1:
+            raise ConfigError(f"the multi-rank stages {multi} get different process counts {sorted(sizes)} from "
+                              f"cluster {profile.name!r}: give them the same nodes x tasks")
+        (size,) = sizes
+    else:
+        size = nproc_per_node
+    configs["run"].world_size = size
+    return size
+
+
+def slurm_processes(profile: ClusterProfile, name: str) -> int:
+    """Return how many processes stage `name`'s Slurm job starts: nodes x (GPUs or tasks) per node."""
+    res = profile.resources(name)
+    if res.launcher == "ray":  # a Ray cluster across the nodes; the stage runs once, on the head
+        return 1
+    per_node = (res.gpus_per_node or res.ntasks_per_node) if res.launcher == "torchrun" else res.ntasks_per_node
+    return res.nodes * per_node
+
+
 def _check_launchers(configs: dict[str, Any], names: list[str], profile: ClusterProfile) -> None:
-    """Raise ConfigError where a stage runs under the ray launcher but would start its own local Ray."""
+    """Raise ConfigError where a stage would start its own local Ray under the ray launcher, or where a
+    one-process stage would run as several processes."""
     for name in names:
+        if slurm_processes(profile, name) > 1 and not get_stage(name).multi_rank:
+            raise ConfigError(f"stage {name!r} runs as one process, but cluster {profile.name!r} gives its job "
+                              f"{slurm_processes(profile, name)}: set its ntasks_per_node (and nodes) to 1, or "
+                              "gpus_per_node with launcher none")
         if profile.resources(name).launcher == "ray" and getattr(configs.get(name), "ray_address", None) == "":
             raise ConfigError(f"stage {name!r} runs under the ray launcher of cluster {profile.name!r}, which "
                               f"starts a Ray cluster across its nodes: set {name}.ray_address=auto to use it")
@@ -124,6 +159,7 @@ def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executo
     if nproc_per_node < 1 or (nproc_per_node > 1 and executor != "local"):
         raise ConfigError(f"nproc_per_node={nproc_per_node}: a positive number of ranks, for the local executor; "
                           "on Slurm set ntasks_per_node / gpus_per_node in the cluster profile")
+    set_world_size(configs, names, executor, profile, nproc_per_node)
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     _use_nemo_run_home(run_dir)

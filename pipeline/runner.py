@@ -59,20 +59,25 @@ class PlanItem:
 
 
 def stage_fingerprint(name: str, configs: dict[str, Any], input_fps: dict[str, str]) -> str:
-    """Return hash(stage config, seed, input fingerprints, stage code and data, external input files)."""
+    """Return hash(stage config, seed, input fingerprints, stage code and data, external input files).
+
+    A multi-rank stage's world size enters too: its data-parallel size sets the
+    global batch unless the config fixes it.
+    """
     stage = get_stage(name)
     code_pkgs = stage.code or (stage.run.split(".")[0],)
     external = [p for f in stage.path_fields for p in getattr(configs[name], f)]
-    return mf.fingerprint(
-        {
-            "stage": name,
-            "config": to_dict(configs[name]),
-            "seed": configs["run"].seed,
-            "inputs": input_fps,
-            "code": mf.code_hash(code_pkgs, REPO_ROOT),
-            "files": mf.external_files_stamp(external),
-        }
-    )
+    parts = {
+        "stage": name,
+        "config": to_dict(configs[name]),
+        "seed": configs["run"].seed,
+        "inputs": input_fps,
+        "code": mf.code_hash(code_pkgs, REPO_ROOT),
+        "files": mf.external_files_stamp(external),
+    }
+    if stage.multi_rank and configs["run"].world_size > 1:
+        parts["world_size"] = configs["run"].world_size
+    return mf.fingerprint(parts)
 
 
 def stage_dir(run_dir: Path, name: str) -> Path:
@@ -249,8 +254,15 @@ def execute_stage(run_dir: str, name: str, configs_json: str, output_dir: str = 
     (item,) = make_plan(run_path, configs, [name])
     final = Path(output_dir).resolve() if output_dir else stage_dir(run_path, name)
     ranks = rk.ranks_from_env()
-    if ranks.world_size == 1:
+    planned = configs["run"].world_size if get_stage(name).multi_rank else 1
+    if ranks.world_size == planned == 1:
         return _execute_alone(run_path, name, item, final, configs)
+    if get_stage(name).multi_rank and ranks.world_size != planned:
+        raise RuntimeError(f"stage {name!r} was planned for {planned} rank(s) (world_size) but launched as "
+                           f"{ranks.world_size}: launch it as planned")
+    if not get_stage(name).multi_rank:
+        raise RuntimeError(f"stage {name!r} runs as one process, but it was launched as {ranks.world_size} "
+                           "ranks: launch it with one task (only multi-rank stages, e.g. pretrain, take more)")
     created = rk.init_distributed(ranks)
     try:
         return _execute_ranked(run_path, name, item, final, configs, ranks)

@@ -64,11 +64,21 @@ class Stage:
     code: tuple[str, ...] = ()  # packages/files whose source is in the fingerprint (default: run's package)
     path_fields: tuple[str, ...] = ()  # config fields naming user files; their size+mtime enter the fingerprint
     key_metrics: tuple[str, ...] = ()  # metrics `aigc status` shows first
+    multi_rank: bool = False  # runs as N ranks (torchrun/srun); other stages refuse a multi-process launch
+    dry_run: str = ""  # "module:function(config, world_size, executor)" -> what `--dry-run` prints for the stage
 
     def load_run(self) -> Callable[["StageContext"], "StageResult"]:
         """Return the stage's run function (imports its module)."""
-        module, _, func = self.run.partition(":")
-        return getattr(importlib.import_module(module), func)
+        return _load(self.run)
+
+    def load_dry_run(self) -> Callable[[Any, int, str], Any] | None:
+        """Return the stage's dry-run description function, or None when it has none."""
+        return _load(self.dry_run) if self.dry_run else None
+
+
+def _load(path: str) -> Callable:
+    module, _, func = path.partition(":")
+    return getattr(importlib.import_module(module), func)
 
 
 @dataclasses.dataclass

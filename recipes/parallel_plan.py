@@ -386,10 +386,17 @@ def resolve_pretrain(cfg, world_size: int, transformer_engine: bool | None = Non
 def dry_run(cfg, world_size: int, executor: str) -> Table:
     """Return the plan table `aigc pretrain --dry-run` prints: layout, global batch, per-rank memory.
 
-    On Slurm the ranks are assumed to have Transformer Engine (a cluster
-    container); locally this machine is asked. The vocabulary is the recipe's
-    (or 4096, the embedded default's tokenizer, for a recipe without one).
+    On Slurm the ranks are assumed to have GPUs and Transformer Engine (a
+    cluster container); locally this machine is asked. The vocabulary is the
+    recipe's (or 4096, the embedded default's tokenizer, for a recipe without one).
     """
-    recipe, layout = resolve_pretrain(cfg, world_size, transformer_engine=True if executor == "slurm" else None)
-    estimate = estimate_memory(recipe, layout, recipe.vocab_size or 4096, bf16=cfg.bf16, distributed_optimizer=False)
+    slurm = executor == "slurm"
+    recipe, layout = resolve_pretrain(cfg, world_size, transformer_engine=True if slurm else None)
+    if slurm:
+        bf16 = cfg.bf16
+    else:
+        import torch  # what this machine runs: fp32 without CUDA
+
+        bf16 = cfg.bf16 and torch.cuda.is_available()
+    estimate = estimate_memory(recipe, layout, recipe.vocab_size or 4096, bf16=bf16, distributed_optimizer=False)
     return layout_table(recipe, layout, estimate)

@@ -102,7 +102,8 @@ class EvaluateConfig:
 
 STAGES = {
     "pretrain": Stage("pretrain", PretrainConfig, "recipes.pretrain:run", inputs=("tokenize",),
-                      key_metrics=("params", "val_loss", "unigram_val_loss", "val_ppl", "tokens_per_s")),
+                      key_metrics=("params", "layout", "val_loss", "unigram_val_loss", "val_ppl", "tokens_per_s"),
+                      multi_rank=True, dry_run="recipes.parallel_plan:dry_run"),
     "sft": Stage("sft", SFTConfig, "recipes.sft:run", inputs=("curate", "pretrain"), path_fields=("data_files",),
                  key_metrics=("mode", "val_loss_before", "val_loss_after", "trainable_fraction", "steps")),
     "evaluate": Stage(

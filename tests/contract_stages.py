@@ -94,7 +94,8 @@ STAGES = {
     "a": Stage("a", AConfig, "contract_stages:run_a", code=("tests/contract_stages.py",)),
     "b": Stage("b", BConfig, "contract_stages:run_b", inputs=("a",), code=("tests/contract_stages.py",)),
     "c": Stage("c", CConfig, "contract_stages:run_c", inputs=("b",), code=("tests/contract_stages.py",)),
-    "r": Stage("r", RConfig, "contract_stages:run_r", inputs=("a",), code=("tests/contract_stages.py",)),
+    "r": Stage("r", RConfig, "contract_stages:run_r", inputs=("a",), code=("tests/contract_stages.py",),
+               multi_rank=True),
 }
 
 

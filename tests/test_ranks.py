@@ -157,6 +157,7 @@ def free_port() -> int:
 
 def run_two_ranks(run_dir: Path, cfg: dict, calls_dir: Path) -> dict[int, dict]:
     """Run stage r as 2 processes joined by env:// rendezvous; return rank -> its result; log its writes."""
+    cfg["run"].world_size = 2  # what run_stages / the CLI plan a 2-rank launch with
     port, procs = str(free_port()), {}
     for rank in (0, 1):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -197,3 +198,13 @@ def test_a_late_failure_is_reported_by_every_rank_and_recorded_by_rank_0(toy, tm
     assert state == "failed" and record["rank"] == 1 and record["world_size"] == 2
     assert record["ranks"] == {"1": "rank 1: RuntimeError: planted failure on rank 1"}
     assert "planted failure on rank 1" in record["traceback"]
+
+
+def test_a_multi_rank_stage_launched_otherwise_than_planned_is_refused(toy, tmp_path):
+    cfg = toy.configs()
+    execute_stage(str(tmp_path), "a", configs_to_json(cfg))
+    cfg["run"].world_size = 2  # planned for 2 ranks, run as this one process
+    with pytest.raises(RuntimeError, match="planned for 2 rank"):
+        execute_stage(str(tmp_path), "r", configs_to_json(cfg))
+    assert make_plan(tmp_path, cfg, ["r"])[0].fingerprint != make_plan(tmp_path, toy.configs(), ["r"])[0].fingerprint
+    assert make_plan(tmp_path, cfg, ["a"])[0].fingerprint == make_plan(tmp_path, toy.configs(), ["a"])[0].fingerprint

@@ -272,3 +272,28 @@ def test_ray_launcher_starts_a_ray_cluster_for_the_stage(slurm_cluster, toy, tmp
     assert states == {"a": "completed"}
     log = jobs.stage_logs(jobs.read_records(tmp_path)["a"])
     assert "[aigc] Ray cluster up: 1 node(s)" in log and "[aigc] a: completed" in log
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_pretrain_stage_runs_as_two_tensor_parallel_ranks_of_one_job(slurm_cluster, tmp_path):
+    # The real training stage, not a toy: one Slurm task running torchrun with 2 ranks (TP 2, gloo).
+    from test_pretrain import layout_run_dir, write_tokenized
+
+    configs = resolve_configs("smoke", ["pretrain.tensor_parallel=2", "pretrain.max_steps=6",
+                                        "pretrain.eval_every=3"])
+    run_dir = layout_run_dir(tmp_path / "run", write_tokenized(tmp_path / "tokenized"), configs)
+    profile = parse_profile("loopback", {"account": "aigc", "partition": "debug", "time": "00:10:00",
+                                         "stages": {"pretrain": {"ntasks_per_node": 2}}})
+    assert profile.resources("pretrain").launcher == "torchrun"  # the default of a multi-rank stage
+    states = run_stages(run_dir, configs, ["pretrain"], executor="slurm", profile=profile)
+    assert states == {"pretrain": "completed"}, jobs.stage_logs(jobs.read_records(run_dir)["pretrain"])[-3000:]
+    manifest = read_manifest(run_dir, "pretrain")
+    assert manifest["world_size"] == 2 and manifest["metrics"]["layout"] == "TP2 PP1 CP1 DP1"
+    assert manifest["metrics"]["hf_logits_max_abs_diff"] <= 1e-4
+
+
+def test_one_process_stage_is_refused_more_processes(tmp_path):
+    profile = parse_profile("c", {"account": "a", "stages": {"sft": {"gpus_per_node": 8, "launcher": "torchrun"}}})
+    with pytest.raises(ConfigError, match="'sft' runs as one process"):
+        run_stages(tmp_path, resolve_configs("smoke"), ["sft"], executor="slurm", profile=profile)
