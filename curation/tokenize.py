@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from curation.stages import TokenizeConfig
 from pipeline.stage import StageContext, StageResult
 
 ENCODE_CHUNK = 256  # documents per encode_batch call
+OUTPUTS = {"tokenizer": "tokenizer", "data": "data", "heldout": "heldout.jsonl"}  # role -> path in the stage dir
 
 
 def read_corpus(corpus_dir: Path) -> list[dict]:
@@ -66,10 +68,25 @@ def encode_documents(tok: Tokenizer, texts: list[str], desc: str) -> Iterator[li
             bar.update(len(chunk))
 
 
+def clear_outputs(out: Path) -> None:
+    """Remove what an earlier, killed run of the stage left of its outputs in the work dir `out`.
+
+    The stage takes seconds, so a re-run after a kill starts its outputs afresh
+    (same seed, same result) rather than trusting a half-written file.
+    """
+    for rel in OUTPUTS.values():
+        path = out / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def run(ctx: StageContext) -> StageResult:
-    """Train the tokenizer and write the token datasets under ctx.out_dir."""
+    """Train the tokenizer and write the token datasets under ctx.out_dir; return their roles and metrics."""
     cfg: TokenizeConfig = ctx.config
     out = Path(ctx.out_dir)
+    clear_outputs(out)
     docs = read_corpus(ctx.input_path("curate", "corpus"))
     train_idx, valid_idx = split_documents(len(docs), cfg.valid_fraction, ctx.seed)
     splits = {"train": [docs[i] for i in train_idx], "valid": [docs[i] for i in valid_idx]}
@@ -94,9 +111,7 @@ def run(ctx: StageContext) -> StageResult:
         f.writelines(json.dumps({"id": d["id"], "text": d["text"]}, ensure_ascii=False) + "\n" for d in splits["valid"])
 
     print_metrics(metrics)
-    return StageResult(
-        outputs={"tokenizer": "tokenizer", "data": "data", "heldout": "heldout.jsonl"}, metrics=metrics
-    )
+    return StageResult(outputs=dict(OUTPUTS), metrics=metrics)
 
 
 def print_metrics(metrics: dict) -> None:

@@ -753,6 +753,34 @@ def test_auto_tokenizer_round_trips_and_applies_the_chat_template(tokenized):
     assert ids[0] == tok.convert_tokens_to_ids("<|system|>") and ids[-2] == tok.convert_tokens_to_ids("<|assistant|>")
 
 
+def test_tokenize_rerun_after_a_kill_completes_in_its_kept_work_dir(tmp_path):
+    """A kill leaves `tokenize.tmp/` with the runner's fingerprint marker and half-written outputs: a re-run
+    reuses that work dir (same fingerprint) and completes with the bytes of an uninterrupted run."""
+    from tiny_lm import write_upstream
+
+    from pipeline.runner import FINGERPRINT_FILE
+
+    configs = resolve_configs("smoke", ["tokenize.vocab_size=300"])
+    write_shards(tmp_path / "curate" / "corpus", pd.DataFrame(pydoc_docs(40)), docs_per_shard=20)
+    write_upstream(tmp_path, configs, "curate", {"corpus": "corpus"})
+    fingerprint = execute_stage(str(tmp_path), "tokenize", configs_to_json(configs))["fingerprint"]
+    uninterrupted = stage_files(tmp_path / "tokenize")
+
+    work = tmp_path / "tokenize.tmp"  # what a kill during the valid split leaves
+    os.replace(tmp_path / "tokenize", work)
+    (work / "manifest.json").unlink()
+    (work / "heldout.jsonl").unlink()
+    (work / "data" / "valid.idx").unlink()
+    (work / "data" / "valid.bin").write_bytes(b"\0" * 3)
+    (work / FINGERPRINT_FILE).write_text(fingerprint + "\n")
+
+    manifest = execute_stage(str(tmp_path), "tokenize", configs_to_json(configs))
+
+    assert manifest["status"] == "completed" and manifest["resumed"] is True
+    assert not work.exists()
+    assert stage_files(tmp_path / "tokenize") == uninterrupted
+
+
 
 
 # ---------------------------------------------------------------- the real stage on Ray
