@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,6 +55,7 @@ def main() -> None:
 
     results = {}
     for name, ranks, threads, overrides in LAYOUTS:
+        shutil.rmtree(run_dir / "pretrain", ignore_errors=True)  # threads are not in the fingerprint: run anew
         configs = resolve_configs(args.config, [*common, f"threads={threads}", *overrides])
         state = run_stages(run_dir, configs, ["pretrain"], nproc_per_node=ranks)["pretrain"]
         if state != "completed":
