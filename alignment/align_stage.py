@@ -34,9 +34,10 @@ from alignment.preference_data import build_pairs, read_user_pairs
 from alignment.reward_model import encode_pairs, load_scoring_model, pairwise_accuracy, train_reward_model
 from alignment.rewards import RewardFn, function_reward, import_function, model_reward
 from alignment.stages import AlignConfig
+from curation.corpus import read_corpus
 from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm
-from recipes.instructions import chat_char_budget, read_corpus, write_jsonl
+from recipes.instructions import chat_char_budget, write_jsonl
 
 METHODS = ("dpo", "ppo", "grpo", "steerlm")
 

@@ -35,6 +35,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from curation.corpus import read_corpus
 from curation.curate import global_dedup, merge_tasks
 from curation.curator_stages import build_pipeline, run_locally
 from curation.readers import expand_inputs
@@ -108,7 +109,7 @@ def run_aigc(input_dir: Path, run_dir: Path, cpus: int) -> dict:
         manifest = execute_stage(str(run_dir), "curate", configs_to_json(configs))
     seconds = time.perf_counter() - start
     out = run_dir / "curate"
-    final = [i for shard in sorted((out / "corpus").glob("shard-*.jsonl")) for i in jsonl_ids(shard)]
+    final = [d["id"] for d in read_corpus(out / "corpus")]
     removed = jsonl_ids(out / "rejects" / "duplicates.jsonl") + jsonl_ids(out / "rejects" / "near_duplicates.jsonl")
     return {"seconds": seconds, "peak_bytes": memory.peak, "after_filters": final + removed, "final": final,
             "metrics": manifest["metrics"]}

@@ -32,9 +32,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from curation.corpus import read_corpus
 from recipes import hf_lm, prompt_eval
 from recipes.evaluate import check_document
-from recipes.instructions import build_instructions, chat_char_budget, read_corpus, read_jsonl
+from recipes.instructions import build_instructions, chat_char_budget, read_jsonl
 from recipes.sft import add_lora, fine_tune, heldout_loss, select_examples
 from recipes.sft_recipes import resolve_config
 from recipes.stages import EvaluateConfig, SFTConfig

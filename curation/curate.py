@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from curation import heuristics, langid, pii, quality_classifier
+from curation.corpus import FORMATS
 from curation.curator_stages import (
     DOC_COLUMNS,
     ExactDedupStage,
@@ -119,7 +120,7 @@ def check_config(cfg: CurateConfig) -> None:
     unknown_rules = sorted(set(cfg.skip_rules) - set(heuristics.rule_names()))
     if unknown_rules:
         raise ValueError(f"unknown curate.skip_rules {unknown_rules}; rules: {', '.join(heuristics.rule_names())}")
-    if cfg.output_format not in ("jsonl", "parquet"):
+    if cfg.output_format not in FORMATS:
         raise ValueError(f"curate.output_format must be jsonl or parquet, got {cfg.output_format!r}")
     if bool(cfg.quality_good) != bool(cfg.quality_bad):
         raise ValueError("the quality classifier needs both curate.quality_good and curate.quality_bad")

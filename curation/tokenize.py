@@ -25,26 +25,13 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from curation.bpe import EOS, save_for_transformers, train_bpe
+from curation.corpus import read_corpus
 from curation.megatron_data import write_indexed_dataset
 from curation.stages import TokenizeConfig
 from pipeline.stage import StageContext, StageResult
 
 ENCODE_CHUNK = 256  # documents per encode_batch call
 OUTPUTS = {"tokenizer": "tokenizer", "data": "data", "heldout": "heldout.jsonl"}  # role -> path in the stage dir
-
-
-def read_corpus(corpus_dir: Path) -> list[dict]:
-    """Return the {"id", "text", ...} records of every `shard-*.jsonl` / `shard-*.parquet` in `corpus_dir`, in order."""
-    docs = []
-    for shard in sorted(Path(corpus_dir).glob("shard-*")):
-        if shard.suffix == ".parquet":
-            import pandas as pd
-
-            docs += pd.read_parquet(shard).to_dict("records")
-        elif shard.suffix == ".jsonl":
-            with open(shard, encoding="utf-8") as f:
-                docs += [json.loads(line) for line in f if line.strip()]
-    return docs
 
 
 def split_documents(n_docs: int, valid_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -41,31 +41,6 @@ class Continuation:
     continuation: str
 
 
-def read_corpus(directory: Path) -> list[dict]:
-    """Return the {"id", "text"} records of every `*.jsonl` shard in `directory`, shards in name order.
-
-    Raises ValueError naming file and line for a record that is not a JSON
-    object with a string id and a string text.
-    """
-    shards = sorted(Path(directory).glob("*.jsonl"))
-    if not shards:
-        raise FileNotFoundError(f"no *.jsonl shards in corpus directory {directory}")
-    docs = []
-    for shard in shards:
-        with open(shard) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{shard}:{lineno}: not JSON ({exc})") from None
-                if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("id", "text")):
-                    raise ValueError(f"{shard}:{lineno}: corpus record needs string 'id' and 'text'")
-                docs.append(record)
-    return docs
-
-
 def split_sentences(text: str) -> list[str]:
     """Return the sentences of `text` with whitespace runs collapsed to single spaces."""
     flat = " ".join(text.split())

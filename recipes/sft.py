@@ -38,13 +38,13 @@ from rich.table import Table
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from curation.corpus import read_corpus
 from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm
 from recipes.instructions import (
     build_instructions,
     chat_char_budget,
     check_rejects,
-    read_corpus,
     read_user_instructions,
     write_jsonl,
 )

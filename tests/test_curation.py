@@ -60,7 +60,8 @@ from curation.shingles import ngram_hashes
 from curation.shipped_data import NOISE_FILE, PYDOC_FILE, shipped_inputs
 from curation.stages import CurateConfig
 from curation.synthetic import dedup_scores, generate
-from curation.tokenize import read_corpus, split_documents
+from curation.corpus import read_corpus
+from curation.tokenize import split_documents
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
 from pipeline.stage import StageContext
@@ -885,3 +886,16 @@ def test_killed_curate_leaves_no_visible_output_and_a_rerun_is_identical(shipped
     assert json.loads((tmp_path / "curate" / "manifest.json").read_text())["status"] == "completed"
     assert not (tmp_path / "curate.tmp").exists()
     assert stage_files(tmp_path / "curate") == stage_files(shipped_run[0] / "curate")
+
+
+@pytest.mark.slow
+def test_a_parquet_curate_run_reads_back_the_records_of_the_jsonl_run(shipped_run, tmp_path):
+    """curate.output_format=parquet: the one corpus reader (tokenize, sft, align) reads the same records."""
+    configs_json = configs_to_json(resolve_configs("smoke", SHIPPED_OVERRIDES + ["curate.output_format=parquet"]))
+    command = [sys.executable, "-c", "import sys; from pipeline.runner import execute_stage; "
+               "execute_stage(sys.argv[1], 'curate', sys.argv[2])", str(tmp_path), configs_json]
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    corpus = tmp_path / "curate" / "corpus"
+    assert {p.suffix for p in corpus.iterdir()} == {".parquet"}
+    assert read_corpus(corpus) == read_corpus(shipped_run[0] / "curate" / "corpus")

@@ -13,18 +13,19 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from curation.corpus import read_corpus
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
+from pipeline.stage import StageContext
 from recipes import hf_lm
 from recipes.instructions import (
     build_instructions,
     check_rejects,
-    read_corpus,
     read_instructions,
     read_user_instructions,
     write_jsonl,
 )
-from recipes.sft import add_lora, fine_tune
+from recipes.sft import add_lora, fine_tune, load_records
 from recipes.sft_recipes import RECIPES, resolve_config
 from recipes.stages import SFTConfig
 from tiny_lm import build_model, build_tokenizer, doc_paragraphs, save_hf, write_corpus, write_upstream
@@ -143,9 +144,29 @@ def test_malformed_instruction_records_are_rejected(tmp_path, line, message):
 
 
 def test_malformed_corpus_record_is_named(tmp_path):
-    (tmp_path / "part-0.jsonl").write_text('{"id": "a", "text": "fine"}\n{"id": "b"}\n')
-    with pytest.raises(ValueError, match=r"part-0.jsonl:2: corpus record needs"):
+    (tmp_path / "shard-00000.jsonl").write_text('{"id": "a", "text": "fine"}\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=r"shard-00000.jsonl:2: corpus record needs"):
         read_corpus(tmp_path)
+
+
+def test_sft_builds_the_same_instructions_from_a_parquet_corpus_as_from_jsonl(tmp_path):
+    """curate.output_format=parquet: the sft stage's corpus reader finds the shards and reads the same records."""
+    import pandas as pd
+
+    from curation.curate import write_shards
+
+    docs = pd.DataFrame([{**d, "source": f"topics:{i}"} for i, d in enumerate(doc_paragraphs()[:40])])
+    cfg = SFTConfig()
+    built = {}
+    for fmt in ("jsonl", "parquet"):
+        write_shards(tmp_path / fmt / "curate" / "corpus", docs, docs_per_shard=15, output_format=fmt)
+        ctx = StageContext(name="sft", config=cfg, run_dir=tmp_path / fmt, out_dir=tmp_path / fmt / "sft.tmp",
+                           inputs={"curate": {"outputs": {"corpus": {"path": "corpus"}}}}, seed=3)
+        built[fmt] = load_records(ctx, cfg, max_length=256)
+
+    records, counts = built["parquet"]
+    assert len(records) > 10 and counts == {"records_read": len(records), "rejects": 0}
+    assert built["parquet"] == built["jsonl"]
 
 
 def tuned_adapter(base_dir, examples, pad_id, **overrides):

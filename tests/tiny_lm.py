@@ -26,10 +26,10 @@ def doc_paragraphs(min_chars: int = 80) -> list[dict]:
 
 
 def write_corpus(directory: Path, docs: list[dict], shards: int = 2) -> Path:
-    """Write `docs` as JSONL shards `part-*.jsonl` in `directory`; return the directory."""
+    """Write `docs` as JSONL shards `shard-*.jsonl` in `directory`, as the curate stage does; return the directory."""
     directory.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
-        with open(directory / f"part-{s:05d}.jsonl", "w") as f:
+        with open(directory / f"shard-{s:05d}.jsonl", "w") as f:
             for doc in docs[s::shards]:
                 f.write(json.dumps(doc) + "\n")
     return directory
