@@ -95,6 +95,33 @@ def test_onnx_graph_has_explicit_kv_cache_with_dynamic_axes(onnx_file, hf):
 
 
 @pytest.mark.slow
+def test_an_onnx_graph_that_disagrees_with_pytorch_fails_the_parity_check(onnx_file, hf, tmp_path):
+    """The exported graph with one weight perturbed in its initializers: the check measures it and fails."""
+    import re
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from deploy.onnx_export import PARITY_TOLERANCE, ParityError, check_parity, parity_difference
+
+    graph = onnx.load(str(onnx_file))  # with its external weights
+    floats = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    weight = max(floats, key=lambda t: int(np.prod(t.dims)))
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) + np.float32(0.05), weight.name))
+    perturbed = tmp_path / "model.onnx"
+    onnx.save(graph, str(perturbed), save_as_external_data=True, location="model.onnx.data")
+
+    difference = parity_difference(perturbed, hf[1])
+    assert difference > PARITY_TOLERANCE
+    with pytest.raises(ParityError, match=re.escape(f"differs from PyTorch by {difference:.3g}")):
+        check_parity(perturbed, difference)
+    with pytest.raises(ParityError, match="nan"):
+        check_parity(perturbed, float("nan"))
+    check_parity(onnx_file, parity_difference(onnx_file, hf[1]))  # the real export passes
+
+
+@pytest.mark.slow
 def test_onnx_runtime_decodes_the_tokens_of_pytorch_greedy(onnx_file, hf):
     """Token by token with past/present tensors in ONNX Runtime == generate()'s greedy tokens."""
     import torch
