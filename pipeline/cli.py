@@ -63,10 +63,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="cluster profile to submit to (slurm; default: the only one in the profile file)")
     p.add_argument("--cluster-profile", default=None, metavar="PATH",
                    help=f"cluster profile file (slurm; default: {DEFAULT_PROFILE_PATH})")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                   help="local executor: run the training stages pretrain, sft and align as N torchrun ranks "
-                   "on this machine (gloo on CPU, one torch thread per rank unless threads=K; default 1); on Slurm "
-                   "the cluster profile's ntasks_per_node / gpus_per_node decide")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="local executor: run the multi-rank stage (pretrain) as N torchrun ranks on this machine "
+                   "(gloo on CPU, one torch thread per rank unless threads=K); default: what the last `aigc run` "
+                   "in this run dir used, else 1 (the world size is part of pretrain's fingerprint). On Slurm "
+                   "the cluster profile's nodes x gpus_per_node / ntasks_per_node decide")
     p.add_argument("--detach", action="store_true",
                    help="slurm: return once the jobs are submitted; follow them with `aigc status`")
     p.add_argument("--dry-run", action="store_true",
@@ -184,6 +185,14 @@ def _status_table(run_dir: Path, configs: dict[str, Any] | None, names: list[str
     return table
 
 
+def _saved_world_size(run_dir: Path) -> int:
+    """Return the world size the last `aigc run` in run_dir planned with (1 when none)."""
+    path = run_dir / RUN_CONFIG_FILE
+    overrides = json.loads(path.read_text()).get("overrides", []) if path.is_file() else []
+    sizes = [int(o.partition("=")[2]) for o in overrides if o.startswith("world_size=")]
+    return sizes[-1] if sizes else 1
+
+
 def _load_run_configs(run_dir: Path) -> dict[str, Any] | None:
     """Return the configs `aigc run` last used in run_dir, or None."""
     path = run_dir / RUN_CONFIG_FILE
@@ -217,7 +226,8 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
     if output_dir:
         names = ["curate"]
     profile = load_profile(args.cluster_profile, args.cluster) if args.executor == "slurm" else None
-    if set_world_size(configs, names, args.executor, profile, args.nproc_per_node) > 1:
+    nproc = args.nproc_per_node or _saved_world_size(run_dir)
+    if set_world_size(configs, names, args.executor, profile, nproc) > 1:
         overrides.append(f"world_size={configs['run'].world_size}")  # `aigc status` plans with it too
     plan = make_plan(run_dir, configs, names)
     if output_dir:
@@ -242,7 +252,7 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
         console.print("[green]Every stage is cached: nothing to run.")
     else:
         states = run_stages(run_dir, configs, todo, executor=args.executor, output_dir=output_dir,
-                            profile=profile, detach=args.detach, nproc_per_node=args.nproc_per_node)
+                            profile=profile, detach=args.detach, nproc_per_node=nproc)
         if "submitted" in states.values():
             console.print(f"Submitted {', '.join(todo)} to cluster {profile.name}: follow with "
                           f"`aigc status --run-dir {run_dir}` and `aigc logs STAGE --run-dir {run_dir}`.")

@@ -83,10 +83,16 @@ def test_ranks_from_srun_env_expand_a_node_range():
     assert env["MASTER_ADDR"] == "node03"
 
 
+def test_a_run_dir_remembers_its_world_size(tmp_path):
+    assert cli._saved_world_size(tmp_path) == 1
+    (tmp_path / cli.RUN_CONFIG_FILE).write_text(json.dumps({"config": "smoke", "overrides": ["world_size=2"]}))
+    assert cli._saved_world_size(tmp_path) == 2
+
+
 def test_nproc_per_node_option_and_executors():
     args = cli.build_parser().parse_args(["pretrain", "--nproc-per-node", "2"])
     assert args.nproc_per_node == 2
-    assert cli.build_parser().parse_args(["run"]).nproc_per_node == 1
+    assert cli.build_parser().parse_args(["run"]).nproc_per_node is None  # the run dir's last, else 1
     ranked = make_executor("local", "pretrain", nproc_per_node=2)
     assert ranked.ntasks_per_node == 2 and ranked.launcher == "torchrun"
     single = make_executor("local", "tokenize", nproc_per_node=2)  # not a torchrun stage: one process
