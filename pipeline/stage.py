@@ -6,8 +6,9 @@ inputs through `ctx.input_path(stage, role)`, writes only under `ctx.out_dir`
 the files it wrote plus its metrics. The runner (pipeline.runner) does the rest:
 fingerprints, caching, atomic rename, manifest.
 
-A stage may run as several processes (ranks: `aigc <stage> --nproc-per-node N`,
-or a Slurm job with more than one task). Every rank then runs the function with
+A stage registered with `multi_rank=True` may run as several processes (ranks:
+`aigc <stage> --nproc-per-node N`, or a Slurm job with more than one task); the
+others refuse a multi-process launch. Every rank then runs the function with
 the same `ctx`, but for `ctx.rank`, `ctx.world_size` and `ctx.local_rank`, and
 with the default torch.distributed process group already joined. Rank 0 alone
 (`ctx.is_main`) prints progress bars and tables and writes the shared outputs;
