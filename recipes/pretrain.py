@@ -131,6 +131,11 @@ def run(ctx: StageContext) -> StageResult:
     train_ds, valid_ds = build_gpt_datasets(data_dir, tokenizer_dir, seq_length, cfg.max_steps * samples_per_step,
                                             ctx.seed, ctx.out_dir / "dataset_cache", blend)
     valid_batches = validation_batches(valid_ds, cfg, world.device)
+    if layout.virtual_pipeline > 1:  # the interleaved schedule runs micro-batches in groups of PP
+        valid_batches = valid_batches[: len(valid_batches) - len(valid_batches) % layout.pipeline]
+        if not valid_batches:
+            raise ValueError(f"interleaved pipeline: pretrain.eval_batches must be >= {layout.pipeline} (PP) "
+                             "full validation micro-batches")
     chunks = build_model_chunks(recipe, vocab_size, ctx.seed, seq_length, bf16=cfg.bf16)
     optimizer = make_optimizer(chunks, cfg)
     checkpoint_root = ctx.out_dir / "checkpoint"
