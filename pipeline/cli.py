@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -28,6 +29,7 @@ from pipeline.clusters import DEFAULT_PROFILE_PATH, load_profile
 from pipeline.config import ConfigError, RunConfig
 from pipeline.execution import EXECUTORS, run_stages, sbatch_scripts, set_world_size
 from pipeline.presets import PRESETS, resolve_configs
+from pipeline.run_lock import RunDirLocked, run_dir_lock
 from pipeline.runner import make_plan, stage_dir, stage_state
 from pipeline.stage import STAGE_ORDER, get_stage, upstream_closure
 
@@ -316,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "run":
-            return cmd_run(args)
+        if args.command == "run" or args.command in STAGE_ORDER:
+            # one aigc at a time runs stages in a run dir; a dry run only reads it
+            with contextlib.nullcontext() if args.dry_run else run_dir_lock(_run_dir(args)):
+                return cmd_run(args, target=None if args.command == "run" else args.command)
         if args.command == "status":
             run_dir = Path(args.run_dir)
             console.print(_status_table(run_dir, _load_run_configs(run_dir)))
@@ -331,10 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             if not cancelled:
                 console.print("no queued or running Slurm job to cancel")
             return 0
-        if args.command in STAGE_ORDER:
-            return cmd_run(args, target=args.command)
-    except (ConfigError, KeyError, jobs.ClusterError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
+    except (ConfigError, KeyError, jobs.ClusterError, RunDirLocked) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
     parser.print_help()
     return 0

@@ -160,3 +160,34 @@ def test_fingerprint_follows_user_input_files(monkeypatch, tmp_path):
     before = make_plan(tmp_path, cfg, ["curate"])[0].fingerprint
     data.write_text('{"text": "one, edited"}\n')
     assert make_plan(tmp_path, cfg, ["curate"])[0].fingerprint != before
+
+
+def test_a_second_aigc_on_a_locked_run_dir_refuses_naming_the_holder(tmp_path):
+    """A real process holds the run dir's lock; real `aigc` processes that would run stages refuse with exit 2
+    and one line naming its pid, those that only read (--dry-run, status) go on; a killed holder frees it."""
+    from pipeline.run_lock import run_dir_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pipeline.run_lock import run_dir_lock\n"
+         "with run_dir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(300)", str(tmp_path)],
+        cwd=TESTS_DIR.parent, stdout=subprocess.PIPE, text=True,
+    )
+
+    def aigc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--run-dir", str(tmp_path)],
+                              cwd=TESTS_DIR.parent, capture_output=True, text=True, timeout=300)
+
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for command in (["run"], ["tokenize", "vocab_size=300"]):
+            refused = aigc(*command)
+            assert refused.returncode == 2, refused.stdout + refused.stderr
+            assert refused.stdout.strip() == (f"error: run directory {tmp_path} is in use by another aigc "
+                                              f"(pid {holder.pid}); wait for it to finish, or use another --run-dir")
+        assert aigc("run", "--dry-run").returncode == 0
+        assert aigc("status").returncode == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_dir_lock(tmp_path):  # the kernel dropped the killed holder's lock
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
