@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from safetensors import safe_open
 
 from deploy.repository import write_repository
@@ -58,6 +59,6 @@ def run(ctx: StageContext) -> StageResult:
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+        table.add_row(key, Text(", ".join(value) if isinstance(value, list) else str(value)))  # paths: not markup
     Console().print(table)
     return StageResult(outputs={"hf": "hf", "triton_repo": "triton_repo"}, metrics=metrics)

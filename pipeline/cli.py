@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from pipeline import jobs
 from pipeline.clusters import DEFAULT_PROFILE_PATH, load_profile
@@ -156,7 +157,7 @@ def _status_table(run_dir: Path, configs: dict[str, Any] | None, names: list[str
     if fps and records:
         jobs.mark_killed_jobs_failed(run_dir, fps)
     job_states = jobs.slurm_states(records)
-    table = Table(title=f"aigc status: {run_dir}")
+    table = Table(title=Text(f"aigc status: {run_dir}"))
     for col in ("stage", "state", "wall s", "key metrics") + (("job",) if records else ()):
         table.add_column(col)
     colours = {"completed": "green", "failed": "red", "stale": "yellow", "not run": "dim",
@@ -183,7 +184,8 @@ def _status_table(run_dir: Path, configs: dict[str, Any] | None, names: list[str
             if job_state and job_state.active and state not in ("completed", "failed"):
                 state = job_state.state.split()[0].lower()
             job = (jobs.job_summary(record, job_state) if record else "",)
-        table.add_row(name, f"[{colours.get(state, 'white')}]{state}", wall, detail, *job)
+        # text from the system (errors, paths, job states) is shown as it is, never read as markup
+        table.add_row(name, Text(state, style=colours.get(state, "white")), wall, Text(detail), *map(Text, job))
     return table
 
 
@@ -257,19 +259,20 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
                             profile=profile, detach=args.detach, nproc_per_node=nproc)
         if "submitted" in states.values():
             console.print(f"Submitted {', '.join(todo)} to cluster {profile.name}: follow with "
-                          f"`aigc status --run-dir {run_dir}` and `aigc logs STAGE --run-dir {run_dir}`.")
+                          f"`aigc status --run-dir {run_dir}` and `aigc logs STAGE --run-dir {run_dir}`.",
+                          markup=False)
             return 0
     if output_dir:
         state = stage_state(Path(output_dir), plan[0].fingerprint)[0]
-        console.print(f"curate -> {output_dir}: {state}")
+        console.print(f"curate -> {output_dir}: {state}", markup=False)
         return 0 if state == "completed" else 1
     console.print(_status_table(run_dir, configs, names))
     states = {n: stage_state(stage_dir(run_dir, n), p.fingerprint)[0] for n, p in zip(names, plan)}
     failed = [n for n, s in states.items() if s != "completed"]
     if failed:
-        console.print(f"[red]Stage {failed[0]} did not complete; its log: `aigc logs {failed[0]} --run-dir "
+        console.print(f"Stage {failed[0]} did not complete; its log: `aigc logs {failed[0]} --run-dir "
                       f"{run_dir}`; its failure record: {run_dir}/{failed[0]}.tmp/failure.json "
-                      "(failure.rank<N>.json for a rank of a multi-process stage)")
+                      "(failure.rank<N>.json for a rank of a multi-process stage)", style="red", markup=False)
         return 1
     _print_answer(run_dir)
     return 0
@@ -292,9 +295,9 @@ def cmd_logs(run_dir: Path, stage: str) -> int:
     """Print the log of `stage`'s last job; return the exit code."""
     record = jobs.read_records(run_dir).get(stage)
     if record is None:
-        console.print(f"[red]no job of stage {stage!r} recorded in {run_dir}/{jobs.JOBS_DIR}/")
+        console.print(f"no job of stage {stage!r} recorded in {run_dir}/{jobs.JOBS_DIR}/", style="red", markup=False)
         return 1
-    console.rule(f"{stage}: {jobs.job_summary(record, jobs.slurm_states({stage: record}).get(stage))}")
+    console.rule(Text(f"{stage}: {jobs.job_summary(record, jobs.slurm_states({stage: record}).get(stage))}"))
     sys.stdout.write(jobs.stage_logs(record))
     return 0
 
@@ -305,8 +308,8 @@ def _print_answer(run_dir: Path) -> None:
     if manifest.is_file():
         metrics = json.loads(manifest.read_text()).get("metrics", {})
         if "answer" in metrics:
-            console.print(f"[bold]Triton answered[/bold] {metrics.get('prompt', '')!r} -> "
-                          f"[cyan]{metrics['answer']!r}")
+            console.print(Text.assemble(("Triton answered", "bold"), f" {metrics.get('prompt', '')!r} -> ",
+                                        (repr(metrics["answer"]), "cyan")))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from recipes import hf_lm
 from recipes.evaluate import check_document
@@ -101,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    table = Table(title=f"{args.checkpoint}: perplexity {report['perplexity']:.2f} over {report['tokens']:,} tokens")
+    title = f"{args.checkpoint}: perplexity {report['perplexity']:.2f} over {report['tokens']:,} tokens"
+    table = Table(title=Text(title))
     for column in ("prompt", "greedy", f"sampled (T={args.temperature}, k={args.top_k}, p={args.top_p})"):
         table.add_column(column)
     for s in report["samples"]:
-        table.add_row(s["prompt"], repr(s["greedy"]), repr(s["sampled"]))
+        table.add_row(Text(s["prompt"]), Text(repr(s["greedy"])), Text(repr(s["sampled"])))  # not markup
     Console().print(table)
     return 0
 

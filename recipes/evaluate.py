@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm, prompt_eval
@@ -127,6 +128,6 @@ def _print_summary(results: dict, items: int) -> None:
             f"{r['instructions']['perplexity']:.2f}",
             *(f"{r['accuracy'][t]:.3f}" for t in templates),
         )
-        samples.add_row(name, repr(r["samples"][0]["reply"]) if r["samples"] else "")
+        samples.add_row(name, Text(repr(r["samples"][0]["reply"]) if r["samples"] else ""))  # not markup
     Console().print(scores)
     Console().print(samples)
