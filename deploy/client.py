@@ -24,9 +24,10 @@ class ServerError(RuntimeError):
 def _server_error(exc) -> Exception:
     """Return the exception for a tritonclient InferenceServerException: ConnectionError where
     gRPC could not reach the server, else ServerError carrying the server's message."""
+    message = exc.message() or f"the server answered {exc.status()} without a message"
     if "UNAVAILABLE" in str(exc.status()):
-        return ConnectionError(exc.message())
-    return ServerError(exc.message())
+        return ConnectionError(message)
+    return ServerError(message)
 
 
 class TextClient:

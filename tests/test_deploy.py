@@ -320,6 +320,48 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(served, reference)
         assert "".join(grpc.stream(PROMPTS[0], 12)) == reference(PROMPTS[0], 12)
 
 
+def test_a_stream_request_of_two_rows_is_told_the_shape_and_the_server_keeps_serving(served, reference):
+    """The streaming model takes one prompt: a [2, 1] request gets an error naming text_input and the shape it
+    needs, over gRPC and HTTP generate_stream; a client error is never empty; then the server still answers."""
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from deploy.client import _server_error
+
+    expected = "text_input has shape [2, 1], but the streaming model takes one prompt per request: shape [1, 1]"
+    raw = grpcclient.InferenceServerClient(served.grpc_url)
+    answers: queue.Queue = queue.Queue()
+    raw.start_stream(callback=lambda result, error: answers.put(error))
+    inputs = []
+    for name, array, dtype in (("text_input", np.array([[b"a"], [b"b"]], dtype=np.object_), "BYTES"),
+                               ("max_tokens", np.array([[4], [4]], dtype=np.int32), "INT32")):
+        inputs.append(grpcclient.InferInput(name, list(array.shape), dtype))
+        inputs[-1].set_data_from_numpy(array)
+    try:
+        raw.async_stream_infer("ensemble_stream", inputs, enable_empty_final_response=True)
+        error = answers.get(timeout=60)
+    finally:
+        raw.stop_stream()
+        raw.close()
+    assert str(_server_error(error)) == expected
+
+    request = urllib.request.Request(f"http://{served.http_url}/v2/models/ensemble_stream/generate_stream",
+                                     data=json.dumps({"text_input": ["a", "b"], "max_tokens": [4, 4]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as http_error:
+        urllib.request.urlopen(request, timeout=60)
+    assert http_error.value.code == 400
+    assert json.loads(http_error.value.read().decode().removeprefix("data: "))["error"] == expected
+
+    assert str(_server_error(InferenceServerException(msg="", status="400"))) == "the server answered 400 without a message"
+    with TextClient(served.grpc_url, protocol="grpc") as grpc:
+        assert "".join(grpc.stream(PROMPTS[0], 12)) == reference(PROMPTS[0], 12)
+
+
 @pytest.mark.slow
 def test_a_bounded_load_is_served_without_errors(served, reference):
     """500 requests from 32 concurrent clients, every 5th streamed over gRPC, max_tokens 4."""

@@ -178,7 +178,9 @@ class TritonPythonModel:
         try:
             jobs = self._parse(request)
             if len(jobs) != 1:
-                raise BadRequest(f"the streaming model takes one prompt per request, got {len(jobs)}")
+                shape = list(pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().shape)
+                raise BadRequest(f"text_input has shape {shape}, but the streaming model takes one prompt per "
+                                 "request: shape [1, 1]")
         except BadRequest as exc:
             send_error(exc)
             return
