@@ -74,3 +74,6 @@ STAGES = {
         key_metrics=("method", "rm_val_accuracy", "win_rate_vs_sft", "kl_from_reference", "steps"),
     ),
 }
+
+# Named configs: this package's overrides (tiny = the dataclass defaults).
+PRESETS = {"tiny": [], "smoke": ["align.max_steps=5", "align.max_pairs=32"]}

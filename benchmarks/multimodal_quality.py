@@ -1,8 +1,8 @@
 """Measured quality of the multimodal recipes: text-to-image prompt accuracy and FID-like distance,
 NeRF held-out PSNR/SSIM against training time.
 
-Runs the recipes through their stages (`multimodal.local_runner`; finished stages
-of an unchanged config are reused), then:
+Runs the recipes' chains of stages on the pipeline's runner (NeMo-Run, local;
+finished stages of an unchanged config are reused), then:
   t2i  — the judge (an MLP trained on the real images, its accuracy on held-out
          real images printed) scores images generated from every class prompt:
          prompt accuracy on the digits and on the shapes, and the Fréchet
@@ -34,8 +34,12 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from multimodal.local_runner import resolve_configs, run_recipe  # noqa: E402
-from multimodal.stages import NERF_ORDER, T2I_ORDER  # noqa: E402
+from pipeline.execution import run_stages  # noqa: E402
+from pipeline.manifest import read_manifest  # noqa: E402
+from pipeline.presets import resolve_configs  # noqa: E402
+from pipeline.runner import make_plan  # noqa: E402
+from pipeline.stage import load_registry  # noqa: E402
+
 from multimodal.t2i_data import class_prompts, read_caption_set  # noqa: E402
 from multimodal.t2i_judge import build_judge, judge_images  # noqa: E402
 from multimodal.t2i_model import T2IModel  # noqa: E402
@@ -52,9 +56,18 @@ def sampler_settings(text: str) -> list[tuple[str, int, float]]:
     return out
 
 
+def run_chain(run_dir: Path, chain: str, configs: dict) -> dict[str, dict]:
+    """Run the stages of a registered chain that are not cached; return stage -> manifest."""
+    names = list(load_registry().chain(chain))
+    todo = [p.name for p in make_plan(run_dir, configs, names) if not p.cached]
+    if todo:
+        run_stages(run_dir, configs, todo)
+    return {name: read_manifest(run_dir / name) for name in names}
+
+
 def bench_t2i(run_dir: Path, configs: dict, settings: list[tuple[str, int, float]], per_prompt: int) -> None:
     """Run the t2i recipe, then judge every sampler setting; print a table."""
-    manifests = run_recipe(run_dir, T2I_ORDER, configs)
+    manifests = run_chain(run_dir, "t2i", configs)
     vae_m, train_m = manifests["t2i_vae"]["metrics"], manifests["t2i_train"]["metrics"]
     data = read_caption_set(run_dir / "t2i_data")
     model = T2IModel.load(run_dir / "t2i_vae" / "vae", run_dir / "t2i_train", configs["t2i_train"].device)
@@ -84,7 +97,7 @@ def bench_t2i(run_dir: Path, configs: dict, settings: list[tuple[str, int, float
 
 def bench_nerf(run_dir: Path, configs: dict) -> None:
     """Run the NeRF recipe; print its PSNR/SSIM-vs-time curve."""
-    m = run_recipe(run_dir, NERF_ORDER, configs)["nerf_train"]["metrics"]
+    m = run_chain(run_dir, "nerf", configs)["nerf_train"]["metrics"]
     table = Table(title="nerf: held-out views vs training time")
     for col in ("step", "train s (wall)", "train s (CPU)", "PSNR dB", "SSIM"):
         table.add_column(col, justify="right")

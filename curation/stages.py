@@ -123,3 +123,6 @@ STAGES = {
     "tokenize": Stage("tokenize", TokenizeConfig, "curation.tokenize:run", inputs=("curate",),
                       key_metrics=("vocab_size", "train_tokens", "valid_tokens", "train_chars_per_token")),
 }
+
+# Named configs: this package's overrides (tiny = the dataclass defaults).
+PRESETS = {"tiny": [], "smoke": ["curate.max_docs=400", "tokenize.vocab_size=512"]}

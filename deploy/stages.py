@@ -39,3 +39,11 @@ STAGES = {
     "serve": Stage("serve", ServeConfig, "deploy.serve_stage:run", inputs=("export",),
                    key_metrics=("answer", "start_to_ready_s", "latency_ms")),
 }
+
+COMMANDS = {
+    "serve": ("deploy.cli:serve_main", "start Triton on an exported model repository until Ctrl-C"),
+    "query": ("deploy.cli:query_main", "send a prompt to a running Triton endpoint and print the answer"),
+}
+
+# Named configs: this package's overrides (tiny = the dataclass defaults).
+PRESETS = {"tiny": [], "smoke": ["serve.max_tokens=8"]}

@@ -1,6 +1,11 @@
 """`aigc t2i train|sample` and `aigc nerf train|render`: the multimodal recipes from the command line.
 
-    aigc t2i train [--config tiny] [--run-dir runs/t2i] [key=value ...]
+`train` runs the recipe's chain of registered stages on the pipeline's runner
+(pipeline.cli.cmd_run_locked: NeMo-Run, `--executor local|slurm`, fingerprints,
+manifests, resume, `aigc status --run-dir runs/t2i`); `sample` and `render`
+read the trained stages' outputs in this process.
+
+    aigc t2i train [--config tiny] [--run-dir runs/t2i] [--executor local|slurm] [key=value ...]
     aigc t2i sample "a handwritten three" [--steps 50] [--guidance 3] [--sampler ddim] [--num 8] [--out PNG]
     aigc nerf train [--config tiny] [--run-dir runs/nerf] [key=value ...]
     aigc nerf render --pose 30,25 [--out PNG]      |   aigc nerf render --turntable 36 [--out GIF]
@@ -15,14 +20,14 @@ import re
 import sys
 from pathlib import Path
 
+from rich.markup import escape
+
+from pipeline import jobs
+from pipeline.cli import add_run_options, cmd_run_locked, console
 from pipeline.config import ConfigError
+from pipeline.run_lock import RunDirLocked
 
-from multimodal.stages import NERF_ORDER, PRESETS, STAGES, T2I_ORDER
-
-OVERRIDES_HELP = (
-    "key=value overrides: `stage.field=value` sets a stage setting (e.g. t2i_train.epochs=4, "
-    "nerf_train.device=cuda), `field=value` a run-wide one (threads=2, seed=7)"
-)
+from multimodal.stages import NERF_ORDER, STAGES, T2I_ORDER
 
 
 def _stage_fields(order: tuple[str, ...]) -> str:
@@ -33,29 +38,20 @@ def _stage_fields(order: tuple[str, ...]) -> str:
 def _add_train_parser(sub: argparse._SubParsersAction, order: tuple[str, ...], default_dir: str, what: str) -> None:
     """Add the `train` subcommand of a recipe."""
     p = sub.add_parser("train", help=f"run the {what} recipe ({' -> '.join(order)}); finished stages are skipped",
-                       description=f"Run {' -> '.join(order)} under the stage contract: each stage writes "
-                       f"<run-dir>/<stage>/ with a manifest.json and is skipped when its fingerprint is unchanged.",
+                       description=f"Run {' -> '.join(order)} through NeMo-Run under the stage contract: each "
+                       "stage writes <run-dir>/<stage>/ with a manifest.json and is skipped when its fingerprint "
+                       "is unchanged.",
                        epilog="settings:\n" + _stage_fields(order), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny", choices=sorted(PRESETS),
-                   help="named config (default: tiny, minutes on a 2-core CPU; smoke: seconds, for tests)")
-    p.add_argument("--run-dir", default=default_dir, help="where stage outputs go (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    add_run_options(p, default_dir)
 
 
-def _train(args: argparse.Namespace, order: tuple[str, ...], prog: str) -> int:
-    """Run a recipe's stages; return the exit code."""
-    from multimodal.local_runner import resolve_configs, run_recipe
-
+def _train(args: argparse.Namespace, chain: str) -> int:
+    """Run the registered chain `chain` on the pipeline's runner; return the exit code."""
     try:
-        configs = resolve_configs(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        return cmd_run_locked(args, chain=chain)
+    except (ConfigError, KeyError, jobs.ClusterError, RunDirLocked) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
-    manifests = run_recipe(Path(args.run_dir), order, configs)
-    last = order[-1]
-    print(f"{prog}: done — outputs in {Path(args.run_dir) / last} "
-          f"(metrics in {Path(args.run_dir) / last / 'manifest.json'})")
-    return 0 if manifests[last]["status"] == "completed" else 1
 
 
 def t2i_parser() -> argparse.ArgumentParser:
@@ -91,7 +87,7 @@ def t2i_main(argv: list[str]) -> int:
     """Run `aigc t2i`; return the exit code."""
     args = t2i_parser().parse_args(argv)
     if args.command == "train":
-        return _train(args, T2I_ORDER, "aigc t2i train")
+        return _train(args, "t2i")
     run_dir = Path(args.run_dir)
     train_dir, vae_dir = run_dir / "t2i_train", run_dir / "t2i_vae" / "vae"
     if not (train_dir / "manifest.json").is_file() or not vae_dir.is_dir():
@@ -162,7 +158,7 @@ def nerf_main(argv: list[str]) -> int:
     """Run `aigc nerf`; return the exit code."""
     args = nerf_parser().parse_args(argv)
     if args.command == "train":
-        return _train(args, NERF_ORDER, "aigc nerf train")
+        return _train(args, "nerf")
     from multimodal.nerf_train import MODEL_DIR
 
     run_dir = Path(args.run_dir)

@@ -1,6 +1,6 @@
 """Stage registrations and configs of the multimodal recipes (light: no heavy imports).
 
-Two recipes outside the LLM chain, each an ordered list of stages:
+Two recipes outside the LLM chain, each a chain of the stage registry:
 text-to-image `t2i_data -> t2i_vae -> t2i_train`, and NeRF `nerf_data -> nerf_train`.
 The dataclass defaults are the `tiny` config (a 2-core CPU, minutes); `device="cuda"`
 and bigger sizes scale them to a GPU.
@@ -117,6 +117,13 @@ STAGES = {
                        key_metrics=("train_views", "test_views")),
     "nerf_train": Stage("nerf_train", NerfTrainConfig, "multimodal.nerf_train:run", inputs=("nerf_data",),
                         code=NERF_TRAIN_CODE, key_metrics=("test_psnr", "test_ssim", "train_s")),
+}
+
+CHAINS = {"t2i": T2I_ORDER, "nerf": NERF_ORDER}
+
+COMMANDS = {
+    "t2i": ("multimodal.cli:t2i_main", "text-to-image latent diffusion: train | sample \"a handwritten three\""),
+    "nerf": ("multimodal.cli:nerf_main", "NeRF on a ray-traced scene: train | render --pose az,el"),
 }
 
 # Named configs of these recipes: overrides on top of the dataclass defaults (`tiny`).

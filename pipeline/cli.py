@@ -29,20 +29,11 @@ from pipeline import jobs
 from pipeline.clusters import DEFAULT_PROFILE_PATH, load_profile
 from pipeline.config import ConfigError, RunConfig
 from pipeline.execution import EXECUTORS, run_stages, sbatch_scripts, set_world_size
-from pipeline.presets import PRESETS, resolve_configs
+from pipeline.presets import preset_names, resolve_configs
 from pipeline.run_lock import RunDirLocked, run_dir_lock
 from pipeline.runner import make_plan, stage_dir, stage_state
-from pipeline.stage import STAGE_ORDER, get_stage, upstream_closure
+from pipeline.stage import DEFAULT_CHAIN, get_stage, load_registry, upstream_closure
 
-# Commands owned by other packages, imported only when used (as the stage registry does).
-EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("deploy.cli:serve_main", "start Triton on an exported model repository until Ctrl-C"),
-    "query": ("deploy.cli:query_main", "send a prompt to a running Triton endpoint and print the answer"),
-    "t2i": ("multimodal.cli:t2i_main", "text-to-image latent diffusion: train | sample \"a handwritten three\""),
-    "nerf": ("multimodal.cli:nerf_main", "NeRF on a ray-traced scene: train | render --pose az,el"),
-    "eval-checkpoint": ("recipes.eval_checkpoint:main",
-                        "perplexity and greedy/sampled generations of any HF checkpoint directory"),
-}
 RUN_CONFIG_FILE = "config.json"
 
 console = Console()
@@ -54,11 +45,13 @@ OVERRIDES_HELP = (
 )
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """Add the options shared by `run` and the per-stage commands."""
-    p.add_argument("--config", default="tiny", choices=sorted(PRESETS),
-                   help="named pipeline config (default: tiny, the 2-core CPU embedded default)")
-    p.add_argument("--run-dir", default=None, help="where stage outputs go (default: runs/<config>)")
+def add_run_options(p: argparse.ArgumentParser, run_dir: str | None = None) -> None:
+    """Add the options shared by `run`, the per-stage commands and `aigc t2i|nerf train` (default dir `run_dir`)."""
+    p.add_argument("--config", default="tiny", choices=preset_names(),
+                   help="named pipeline config (default: tiny, the 2-core CPU embedded default; smoke: "
+                   "seconds, for tests)")
+    p.add_argument("--run-dir", default=run_dir,
+                   help=f"where stage outputs go (default: {run_dir or 'runs/<config>'})")
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="NeMo-Run executor that runs each stage (default: local); slurm submits each stage "
                    "as a Slurm job on the cluster of --cluster")
@@ -87,14 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-> DPO -> evaluated -> exported -> served by Triton. Each stage writes <run-dir>/<stage>/ "
         "with a manifest.json and is skipped when its fingerprint is unchanged.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Stages, in order: " + " -> ".join(STAGE_ORDER),
+        epilog="Stages, in order: " + " -> ".join(load_registry().chain()),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the whole chain (cached stages are skipped)",
                        description="Run every stage in order through NeMo-Run; stages whose fingerprint "
                        "matches a completed manifest are skipped.")
-    _add_run_options(p)
+    add_run_options(p)
 
     p = sub.add_parser("status", help="show each stage: state, wall time, key metrics, its job")
     p.add_argument("--run-dir", default="runs/tiny", help="run directory (default: runs/tiny)")
@@ -107,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stages", nargs="*", metavar="STAGE", help="stages to cancel (default: all)")
     p.add_argument("--run-dir", default="runs/tiny", help="run directory (default: runs/tiny)")
 
-    for name in STAGE_ORDER:
-        if name in EXTERNAL_COMMANDS:
+    commands = load_registry().commands  # commands other packages own, imported only when used
+    for name in load_registry().chain():
+        if name in commands:
             continue
         p = sub.add_parser(name, help=f"run the {name} stage (and any upstream stage not yet done)",
                            description=f"Run the {name} stage; upstream stages that are missing or "
@@ -118,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="JSONL or .txt files/directories to curate (default: the shipped corpus)")
             p.add_argument("--output", default=None, metavar="DIR",
                            help="write the curated corpus here instead of <run-dir>/curate")
-        _add_run_options(p)
+        add_run_options(p)
 
-    for name, (_, text) in EXTERNAL_COMMANDS.items():
+    for name, (_, text) in commands.items():
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -149,9 +143,8 @@ def _key_metrics(metrics: dict[str, Any], keys: tuple[str, ...], limit: int = 4)
     return " ".join(parts)
 
 
-def _status_table(run_dir: Path, configs: dict[str, Any] | None, names: list[str] | None = None) -> Table:
+def _status_table(run_dir: Path, configs: dict[str, Any] | None, names: list[str]) -> Table:
     """Return a table of each stage's state, wall time, key metrics and (for Slurm runs) its job."""
-    names = names or list(STAGE_ORDER)
     fps = {p.name: p.fingerprint for p in make_plan(run_dir, configs, names)} if configs else {}
     records = {s: r for s, r in jobs.read_records(run_dir).items() if r.executor == "slurm"}
     if fps and records:
@@ -197,6 +190,12 @@ def _saved_world_size(run_dir: Path) -> int:
     return sizes[-1] if sizes else 1
 
 
+def _saved_chain(run_dir: Path) -> str:
+    """Return the chain the last `aigc run` (or `aigc t2i|nerf train`) in run_dir ran (default: the LLM chain)."""
+    path = run_dir / RUN_CONFIG_FILE
+    return json.loads(path.read_text()).get("chain", DEFAULT_CHAIN) if path.is_file() else DEFAULT_CHAIN
+
+
 def _load_run_configs(run_dir: Path) -> dict[str, Any] | None:
     """Return the configs `aigc run` last used in run_dir, or None."""
     path = run_dir / RUN_CONFIG_FILE
@@ -216,8 +215,8 @@ def _qualify(override: str, stage: str) -> str:
     return override if "." in key or key in run_wide or "=" not in override else f"{stage}.{override}"
 
 
-def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
-    """Run the chain (or `target` and its upstream); return the process exit code."""
+def cmd_run(args: argparse.Namespace, target: str | None = None, chain: str = DEFAULT_CHAIN) -> int:
+    """Run the registered chain `chain` (or `target` and its upstream); return the process exit code."""
     overrides = [_qualify(o, target) for o in args.overrides] if target else list(args.overrides)
     output_dir = ""
     if target == "curate" and args.input:
@@ -226,7 +225,7 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
         output_dir = str(Path(args.output).resolve())
     configs = resolve_configs(args.config, overrides)
     run_dir = _run_dir(args)
-    names = upstream_closure([target]) if target else list(STAGE_ORDER)
+    names = upstream_closure([target]) if target else list(load_registry().chain(chain))
     if output_dir:
         names = ["curate"]
     profile = load_profile(args.cluster_profile, args.cluster) if args.executor == "slurm" else None
@@ -250,7 +249,7 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_CONFIG_FILE).write_text(
-        json.dumps({"config": args.config, "overrides": overrides}, indent=2) + "\n")
+        json.dumps({"config": args.config, "chain": chain, "overrides": overrides}, indent=2) + "\n")
     todo = [p.name for p in plan if not p.cached]
     if not todo:
         console.print("[green]Every stage is cached: nothing to run.")
@@ -276,6 +275,15 @@ def cmd_run(args: argparse.Namespace, target: str | None = None) -> int:
         return 1
     _print_answer(run_dir)
     return 0
+
+
+def cmd_run_locked(args: argparse.Namespace, target: str | None = None, chain: str = DEFAULT_CHAIN) -> int:
+    """Return `cmd_run`'s exit code, run holding the run dir's lock (RunDirLocked where another aigc holds it).
+
+    One aigc at a time runs stages in a run dir; a dry run only reads it and takes no lock.
+    """
+    with contextlib.nullcontext() if args.dry_run else run_dir_lock(_run_dir(args)):
+        return cmd_run(args, target, chain)
 
 
 def _print_stage_plans(plan: list, configs: dict[str, Any], executor: str) -> None:
@@ -315,19 +323,19 @@ def _print_answer(run_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `aigc` console script; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTERNAL_COMMANDS:
-        module, _, func = EXTERNAL_COMMANDS[argv[0]][0].partition(":")
+    commands = load_registry().commands
+    if argv and argv[0] in commands:
+        module, _, func = commands[argv[0]][0].partition(":")
         return getattr(importlib.import_module(module), func)(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "run" or args.command in STAGE_ORDER:
-            # one aigc at a time runs stages in a run dir; a dry run only reads it
-            with contextlib.nullcontext() if args.dry_run else run_dir_lock(_run_dir(args)):
-                return cmd_run(args, target=None if args.command == "run" else args.command)
+        if args.command == "run" or args.command in load_registry().chain():
+            return cmd_run_locked(args, target=None if args.command == "run" else args.command)
         if args.command == "status":
             run_dir = Path(args.run_dir)
-            console.print(_status_table(run_dir, _load_run_configs(run_dir)))
+            names = list(load_registry().chain(_saved_chain(run_dir)))
+            console.print(_status_table(run_dir, _load_run_configs(run_dir), names))
             return 0
         if args.command == "logs":
             return cmd_logs(Path(args.run_dir), args.stage)

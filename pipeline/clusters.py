@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from pipeline import stage as registry
 from pipeline.config import ConfigError
+from pipeline.stage import load_registry
 
 DEFAULT_PROFILE_PATH = Path("~/.config/aigc/clusters.yaml")
 LAUNCHERS = ("none", "torchrun", "ray")
@@ -128,8 +128,8 @@ def parse_profile(name: str, data: dict) -> ClusterProfile:
     defaults = Resources(**_resources_overrides({k: data.pop(k) for k in list(data) if k in resource_keys}, where))
     stages = {}
     for stage, overrides in (data.pop("stages", None) or {}).items():
-        if stage not in registry.STAGE_ORDER:
-            raise ConfigError(f"{where}: unknown stage {stage!r}; stages: {', '.join(registry.STAGE_ORDER)}")
+        if stage not in load_registry().stages:
+            raise ConfigError(f"{where}: unknown stage {stage!r}; stages: {', '.join(load_registry().stages)}")
         stages[stage] = _resources_overrides(overrides or {}, f"{where}, stage {stage!r}")
     tunnel_data = data.pop("tunnel", None) or {}
     _check_keys(tunnel_data, _field_names(TunnelConfig), f"{where}, tunnel")

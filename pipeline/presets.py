@@ -1,7 +1,8 @@
-"""Named pipeline configs: the stage defaults plus a list of overrides.
+"""Named pipeline configs: the stage defaults plus the overrides each stage package declares.
 
 `tiny` is the embedded default (the dataclass defaults: 2-core CPU, minutes).
-`smoke` is smaller than tiny, for the end-to-end test of the whole chain.
+`smoke` is smaller than tiny, for the end-to-end tests. A preset's overrides are
+the `PRESETS[name]` lists of every registered stage module (pipeline.stage).
 """
 
 from __future__ import annotations
@@ -9,34 +10,21 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import RunConfig, apply_overrides
-from pipeline import stage as registry
-from pipeline.stage import get_stage
+from pipeline.stage import load_registry
 
-PRESETS: dict[str, list[str]] = {
-    "tiny": [],
-    "smoke": [
-        "curate.max_docs=400",
-        "tokenize.vocab_size=512",
-        "pretrain.model=micro",
-        "pretrain.max_steps=20",
-        "pretrain.eval_every=10",
-        "sft.max_steps=10",
-        "sft.max_examples=64",
-        "align.max_steps=5",
-        "align.max_pairs=32",
-        "evaluate.max_batches=2",
-        "evaluate.max_new_tokens=8",
-        "serve.max_tokens=8",
-    ],
-}
+
+def preset_names() -> list[str]:
+    """Return the names of the presets the stage packages declare, sorted."""
+    return sorted(load_registry().presets)
 
 
 def resolve_configs(preset: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Return section -> dataclass for a named preset with user overrides applied."""
-    if preset not in PRESETS:
-        raise KeyError(f"unknown config {preset!r}; choose from: {', '.join(PRESETS)}")
+    """Return section -> dataclass, for every registered stage, for a named preset with user overrides applied."""
+    registry = load_registry()
+    if preset not in registry.presets:
+        raise KeyError(f"unknown config {preset!r}; choose from: {', '.join(preset_names())}")
     configs: dict[str, Any] = {"run": RunConfig()}
-    for name in registry.STAGE_MODULES:
-        configs[name] = get_stage(name).config_cls()
-    apply_overrides(configs, PRESETS[preset] + list(overrides or []))
+    for name, stage in registry.stages.items():
+        configs[name] = stage.config_cls()
+    apply_overrides(configs, registry.presets[preset] + list(overrides or []))
     return configs

@@ -29,8 +29,7 @@ from typing import Any
 from pipeline import manifest as mf
 from pipeline import ranks as rk
 from pipeline.config import RunConfig, from_dict, to_dict
-from pipeline import stage as registry
-from pipeline.stage import StageContext, StageResult, get_stage
+from pipeline.stage import StageContext, StageResult, get_stage, load_registry, upstream_closure
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINGERPRINT_FILE = ".fingerprint"
@@ -86,15 +85,15 @@ def stage_dir(run_dir: Path, name: str) -> Path:
 
 
 def make_plan(run_dir: Path, configs: dict[str, Any], names: list[str] | None = None) -> list[PlanItem]:
-    """Return the plan for `names` (default: the LLM chain), upstream first.
+    """Return the plan for `names` (default: the chain `aigc run` runs), upstream first.
 
     Fingerprints of upstream stages are computed even when they are not in
     `names`, since a stage's fingerprint includes its inputs'.
     """
-    wanted = list(names or registry.STAGE_ORDER)
+    wanted = list(names or load_registry().chain())
     fps: dict[str, str] = {}
     plan = []
-    for name in registry.upstream_closure(wanted):
+    for name in upstream_closure(wanted):
         stage = get_stage(name)
         input_fps = {up: fps[up] for up in stage.inputs}
         fps[name] = stage_fingerprint(name, configs, input_fps)
@@ -115,12 +114,12 @@ def configs_to_json(configs: dict[str, Any]) -> str:
 
 
 def configs_from_json(text: str) -> dict[str, Any]:
-    """Return section -> dataclass from `configs_to_json` output."""
+    """Return section -> dataclass from `configs_to_json` output (every registered stage's section in it)."""
     data = json.loads(text)
     configs: dict[str, Any] = {"run": from_dict(RunConfig, data.get("run", {}))}
-    for name in registry.STAGE_MODULES:
+    for name, stage in load_registry().stages.items():
         if name in data:
-            configs[name] = from_dict(get_stage(name).config_cls, data[name])
+            configs[name] = from_dict(stage.config_cls, data[name])
     return configs
 
 

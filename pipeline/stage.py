@@ -16,42 +16,25 @@ the other ranks may write their own files under `ctx.out_dir`. The outputs and
 metrics recorded are those rank 0 returns; the stage completes only where every
 rank returned.
 
-Packages other than `pipeline` register stages here by module path only, so the
-pipeline imports them lazily and never directly.
+The registry: each package declares its stages in a light module (no torch,
+megatron, ray imports) named by an entry point of the group `aigc.stages` in
+pyproject.toml. That module holds `STAGES` (name -> Stage) and may hold `CHAINS`
+(chain name -> stage names in run order), `COMMANDS` (CLI command ->
+("module:function", help)) and `PRESETS` (named config -> its overrides of the
+package's stages). The pipeline reads them through `load_registry()` and names
+no stage itself; `aigc run` runs the chain `llm`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
-# Stage order of the LLM chain (what `aigc run` runs), and the light module that
-# defines each registered stage's `STAGES[name]` (config class + path of the run
-# function). STAGE_MODULES lists every stage, upstream before downstream; other
-# chains (e.g. multimodal recipes) register their stages there too. Heavy imports
-# (torch, megatron, ray, tritonclient) belong in the run function's module.
-STAGE_ORDER: tuple[str, ...] = (
-    "curate",
-    "tokenize",
-    "pretrain",
-    "sft",
-    "align",
-    "evaluate",
-    "export",
-    "serve",
-)
-STAGE_MODULES: dict[str, str] = {
-    "curate": "curation.stages",
-    "tokenize": "curation.stages",
-    "pretrain": "recipes.stages",
-    "sft": "recipes.stages",
-    "align": "alignment.stages",
-    "evaluate": "recipes.stages",
-    "export": "deploy.stages",
-    "serve": "deploy.stages",
-}
+ENTRY_POINT_GROUP = "aigc.stages"
+DEFAULT_CHAIN = "llm"  # what `aigc run` runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,18 +107,95 @@ class StageContext:
         return self.inputs[stage].get("metrics", {})
 
 
+@dataclasses.dataclass(frozen=True)
+class Registry:
+    """Every registered stage (upstream before downstream), the chains, commands and presets they declare."""
+
+    stages: dict[str, Stage]
+    chains: dict[str, tuple[str, ...]]
+    commands: dict[str, tuple[str, str]]  # command -> ("module:function", help)
+    presets: dict[str, list[str]]  # named config -> overrides, every package's together
+
+    def chain(self, name: str = DEFAULT_CHAIN) -> tuple[str, ...]:
+        """Return the stage names of chain `name`, in run order."""
+        if name not in self.chains:
+            raise KeyError(f"unknown chain {name!r}; chains: {', '.join(self.chains)}")
+        return self.chains[name]
+
+
+_active: Registry | None = None  # loaded on first use; `install` replaces it
+
+
+def build_registry(modules: list[str]) -> Registry:
+    """Return the Registry of the stage modules `modules` (their STAGES, CHAINS, COMMANDS, PRESETS)."""
+    stages: dict[str, Stage] = {}
+    chains: dict[str, tuple[str, ...]] = {}
+    commands: dict[str, tuple[str, str]] = {}
+    presets: dict[str, list[str]] = {}
+    for path in modules:
+        module = importlib.import_module(path)
+        for name, stage in module.STAGES.items():
+            if name in stages:
+                raise ValueError(f"stage {name!r} is registered twice (again by {path})")
+            stages[name] = stage
+        chains.update(getattr(module, "CHAINS", {}))
+        commands.update(getattr(module, "COMMANDS", {}))
+        for preset, overrides in getattr(module, "PRESETS", {}).items():
+            presets.setdefault(preset, []).extend(overrides)
+    for chain, names in chains.items():
+        for i, name in enumerate(names):
+            if name not in stages:
+                raise ValueError(f"chain {chain!r} names {name!r}, which no stage module registers")
+            late = [up for up in stages[name].inputs if up not in names[:i]]
+            if late:
+                raise ValueError(f"chain {chain!r}: {name!r} needs {late}, which do not come before it")
+    ordered: dict[str, Stage] = {}  # the LLM chain first, other chains next, each stage after its inputs
+
+    def visit(name: str, needed_by: str) -> None:
+        if name not in stages:
+            raise ValueError(f"stage {needed_by!r} needs {name!r}, which no stage module registers")
+        if name not in ordered:
+            for up in stages[name].inputs:
+                visit(up, name)
+            ordered[name] = stages[name]
+
+    for name in [*chains.get(DEFAULT_CHAIN, ()), *(n for names in chains.values() for n in names), *stages]:
+        visit(name, name)
+    return Registry(ordered, chains, commands, presets)
+
+
+def load_registry() -> Registry:
+    """Return the registry of every stage module named by an `aigc.stages` entry point (loaded once)."""
+    global _active
+    if _active is None:
+        found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+        if not found:
+            raise RuntimeError(f"no stage module is registered under the entry points {ENTRY_POINT_GROUP!r}: "
+                               "reinstall aigc (`pip install -e .`)")
+        _active = build_registry([ep.value for ep in found])
+    return _active
+
+
+def install(modules: list[str]) -> Registry:
+    """Replace the registry with that of `modules` (e.g. toy stages in tests); return it."""
+    global _active
+    _active = build_registry(modules)
+    return _active
+
+
 def get_stage(name: str) -> Stage:
     """Return the registered `Stage` called `name`."""
-    if name not in STAGE_MODULES:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_MODULES)}")
-    module = importlib.import_module(STAGE_MODULES[name])
-    return getattr(module, "STAGES")[name]
+    stages = load_registry().stages
+    if name not in stages:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(stages)}")
+    return stages[name]
 
 
 def upstream_closure(names: list[str]) -> list[str]:
     """Return `names` and every stage they depend on, upstream first (registry order)."""
+    stages = load_registry().stages
     needed = set(names)
-    for name in reversed(list(STAGE_MODULES)):
+    for name in reversed(list(stages)):
         if name in needed:
             needed.update(get_stage(name).inputs)
-    return [n for n in STAGE_MODULES if n in needed]
+    return [n for n in stages if n in needed]

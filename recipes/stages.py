@@ -111,3 +111,25 @@ STAGES = {
         key_metrics=("pretrain_ppl", "sft_ppl", "align_ppl", "pretrain_acc_few_shot", "sft_acc_few_shot"),
     ),
 }
+
+# The LLM chain, what `aigc run` runs: it spans the curation, recipes, alignment and deploy packages.
+CHAINS = {"llm": ("curate", "tokenize", "pretrain", "sft", "align", "evaluate", "export", "serve")}
+
+COMMANDS = {
+    "eval-checkpoint": ("recipes.eval_checkpoint:main",
+                        "perplexity and greedy/sampled generations of any HF checkpoint directory"),
+}
+
+# Named configs: this package's overrides (tiny = the dataclass defaults; smoke = the end-to-end test's).
+PRESETS = {
+    "tiny": [],
+    "smoke": [
+        "pretrain.model=micro",
+        "pretrain.max_steps=20",
+        "pretrain.eval_every=10",
+        "sft.max_steps=10",
+        "sft.max_examples=64",
+        "evaluate.max_batches=2",
+        "evaluate.max_new_tokens=8",
+    ],
+}

@@ -2,7 +2,7 @@
 
 Stage `b` counts in steps, checkpointing its progress in its work directory, so a
 kill in the middle can be resumed; env TOY_SLEEP_S makes it sleep between steps.
-Stage `r` (a -> r, registered but not in the chain's order) is run by every rank of
+Stage `r` (a -> r, registered but not in the chain) is run by every rank of
 a multi-process launch: each writes `rank<N>.txt` and all-reduces its rank (gloo).
 """
 
@@ -99,10 +99,12 @@ STAGES = {
 }
 
 
+CHAINS = {"llm": ("a", "b", "c")}  # the chain `aigc run` runs
+
+
 def install() -> None:
     """Point the pipeline's stage registry at these toy stages."""
-    registry.STAGE_ORDER = ("a", "b", "c")
-    registry.STAGE_MODULES = {n: "contract_stages" for n in STAGES}
+    registry.install(["contract_stages"])
 
 
 def configs(**overrides) -> dict:

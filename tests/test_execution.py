@@ -16,8 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def toy(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry, "STAGE_ORDER", registry.STAGE_ORDER)
-    monkeypatch.setattr(registry, "STAGE_MODULES", registry.STAGE_MODULES)
+    monkeypatch.setattr(registry, "_active", registry._active)  # the real registry comes back after the test
     contract_stages.install()
     tests_dir = os.path.dirname(__file__)
     monkeypatch.setenv("PYTHONPATH", tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -276,11 +276,12 @@ def test_short_nerf_run_beats_a_fixed_psnr():
 
 
 @pytest.mark.slow
-def test_recipes_run_as_stages_from_the_cli(tmp_path):
+def test_recipes_run_as_stages_from_the_cli(tmp_path, capsys):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from PIL import Image
 
     from multimodal.cli import nerf_main, t2i_main
+    from pipeline import cli
 
     run = tmp_path / "t2i"
     assert t2i_main(["train", "--config", "smoke", "--run-dir", str(run)]) == 0
@@ -310,5 +311,10 @@ def test_recipes_run_as_stages_from_the_cli(tmp_path):
     m = json.loads((run / "nerf_train" / "manifest.json").read_text())["metrics"]
     assert m["test_psnr"] > m["mean_colour_psnr"] and len(m["curve"]) == 2
     assert Image.open(run / "nerf_train" / "turntable.gif").n_frames == 3
+    assert list((run / ".nemo_run" / "experiments").rglob("*.log"))  # each stage ran as a NeMo-Run task
+    capsys.readouterr()
+    assert cli.main(["status", "--run-dir", str(run)]) == 0
+    rows = [line.replace("│", " ").split()[:2] for line in capsys.readouterr().out.splitlines() if "nerf_" in line]
+    assert rows[:2] == [["nerf_data", "completed"], ["nerf_train", "completed"]]
     assert nerf_main(["render", "--run-dir", str(run), "--pose", "10,30", "--out", str(tmp_path / "v.png")]) == 0
     assert Image.open(tmp_path / "v.png").size == (16 * 4 + 2, 16 * 4 + 2)

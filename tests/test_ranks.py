@@ -32,8 +32,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 @pytest.fixture
 def toy(monkeypatch):
     """Install the toy registry here and in child processes (PYTHONPATH); `r` runs under torchrun."""
-    monkeypatch.setattr(registry, "STAGE_ORDER", registry.STAGE_ORDER)
-    monkeypatch.setattr(registry, "STAGE_MODULES", registry.STAGE_MODULES)
+    monkeypatch.setattr(registry, "_active", registry._active)  # the real registry comes back after the test
     monkeypatch.setitem(clusters.DEFAULT_LAUNCHERS, "r", "torchrun")
     monkeypatch.setenv("PYTHONPATH", f"{TESTS_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     contract_stages.install()

@@ -56,8 +56,7 @@ def stdin_from_devnull(monkeypatch):
 @pytest.fixture
 def toy(monkeypatch):
     """Install the toy a -> b -> c registry here; the Slurm children install it through toy_stage_task."""
-    monkeypatch.setattr(registry, "STAGE_ORDER", registry.STAGE_ORDER)
-    monkeypatch.setattr(registry, "STAGE_MODULES", registry.STAGE_MODULES)
+    monkeypatch.setattr(registry, "_active", registry._active)  # the real registry comes back after the test
     contract_stages.install()
     return contract_stages
 
@@ -250,7 +249,6 @@ def test_killed_job_is_failed_and_a_rerun_resubmits_only_the_unfinished_stages(s
 @pytest.mark.slow
 def test_stage_runs_as_the_tasks_of_its_job(slurm_cluster, toy, monkeypatch, tmp_path):
     # srun starts 2 tasks (launcher none): each finds its rank in SLURM_PROCID and the rendezvous from Slurm.
-    monkeypatch.setattr(registry, "STAGE_ORDER", registry.STAGE_ORDER + ("r",))  # a profile may name r
     cfg = toy.configs()
     execute_stage(str(tmp_path), "a", configs_to_json(cfg))
     states = run_stages(tmp_path, cfg, ["r"], executor="slurm", task=toy.toy_stage_task,
@@ -297,3 +295,19 @@ def test_one_process_stage_is_refused_more_processes(tmp_path):
     profile = parse_profile("c", {"account": "a", "stages": {"sft": {"gpus_per_node": 8, "launcher": "torchrun"}}})
     with pytest.raises(ConfigError, match="'sft' runs as one process"):
         run_stages(tmp_path, resolve_configs("smoke"), ["sft"], executor="slurm", profile=profile)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_multimodal_stage_on_slurm_matches_a_local_run(slurm_cluster, tmp_path):
+    # nerf_data (the cheapest multimodal stage) through the same runner as the LLM stages: one Slurm job here,
+    # the LocalExecutor there; the same fingerprint, outputs and metrics.
+    profile = parse_profile("loopback", {"account": "aigc", "partition": "debug", "time": "00:10:00"})
+    slurm_dir, local_dir = tmp_path / "slurm", tmp_path / "local"
+    states = run_stages(slurm_dir, resolve_configs("smoke"), ["nerf_data"], executor="slurm", profile=profile)
+    assert states == {"nerf_data": "completed"}, jobs.stage_logs(jobs.read_records(slurm_dir)["nerf_data"])[-3000:]
+    assert run_stages(local_dir, resolve_configs("smoke"), ["nerf_data"]) == {"nerf_data": "completed"}
+    on_slurm, here = read_manifest(slurm_dir, "nerf_data"), read_manifest(local_dir, "nerf_data")
+    assert comparable(on_slurm) == comparable(here)
+    assert on_slurm["fingerprint"] == make_plan(local_dir, resolve_configs("smoke"), ["nerf_data"])[0].fingerprint
+    assert jobs.read_records(slurm_dir)["nerf_data"].executor == "slurm"

@@ -1,0 +1,52 @@
+"""The stage registry: each package's stage module, found through the `aigc.stages` entry points."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import cli
+from pipeline.stage import build_registry, get_stage, load_registry, upstream_closure
+
+LLM_CHAIN = ("curate", "tokenize", "pretrain", "sft", "align", "evaluate", "export", "serve")
+
+
+def test_packages_register_the_chains_stages_and_commands():
+    registry = load_registry()
+    assert registry.chain() == LLM_CHAIN
+    assert registry.chain("t2i") == ("t2i_data", "t2i_vae", "t2i_train")
+    assert registry.chain("nerf") == ("nerf_data", "nerf_train")
+    assert list(registry.stages)[:len(LLM_CHAIN)] == list(LLM_CHAIN)
+    assert get_stage("t2i_train").run == "multimodal.t2i_train:run"
+    assert upstream_closure(["t2i_train"]) == ["t2i_data", "t2i_vae", "t2i_train"]
+    assert upstream_closure(["sft"]) == ["curate", "tokenize", "pretrain", "sft"]
+    assert {"serve", "query", "t2i", "nerf", "eval-checkpoint"} <= set(registry.commands)
+    assert {"tiny", "smoke"} <= set(registry.presets)
+    with pytest.raises(KeyError, match="unknown chain 'gan'"):
+        registry.chain("gan")
+
+
+def test_every_cli_command_is_a_chain_stage_a_registered_command_or_a_pipeline_command():
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    registry = load_registry()
+    for command in sub.choices:
+        assert command in registry.chain() or command in registry.commands or command in (
+            "run", "status", "logs", "cancel"), command
+
+
+def test_registry_loads_without_heavy_imports():
+    code = ("import sys; from pipeline.stage import load_registry; load_registry(); "
+            "print(sorted(m for m in ('torch', 'megatron', 'ray', 'diffusers', 'tritonclient') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_chain_must_list_each_stage_after_its_inputs(monkeypatch):
+    import contract_stages
+
+    monkeypatch.setattr(contract_stages, "CHAINS", {"bad": ("b", "a")})
+    with pytest.raises(ValueError, match="chain 'bad': 'b' needs \\['a'\\]"):
+        build_registry(["contract_stages"])
