@@ -50,3 +50,22 @@ def test_a_chain_must_list_each_stage_after_its_inputs(monkeypatch):
     monkeypatch.setattr(contract_stages, "CHAINS", {"bad": ("b", "a")})
     with pytest.raises(ValueError, match="chain 'bad': 'b' needs \\['a'\\]"):
         build_registry(["contract_stages"])
+
+
+def test_readme_stage_graph_is_the_registry():
+    import importlib.util
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text.split("<!-- stage-graph -->")[1].split("<!-- /stage-graph -->")[0]
+    rows = [[c.strip().strip("`") for c in line.strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    registry = load_registry()
+    expected = []
+    for chain in registry.chains:
+        for name in registry.chain(chain):
+            stage = registry.stages[name]
+            expected.append([chain, name, ", ".join(stage.inputs) or "–", stage.run,
+                             "N" if stage.multi_rank else "1"])
+    assert sorted(rows) == sorted(expected)
+    for module in {s.run.partition(":")[0] for s in registry.stages.values()}:
+        assert importlib.util.find_spec(module) is not None, module
