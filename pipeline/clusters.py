@@ -15,12 +15,10 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError
-from pipeline.stage import load_registry
+from pipeline.stage import get_stage, load_registry
 
 DEFAULT_PROFILE_PATH = Path("~/.config/aigc/clusters.yaml")
 LAUNCHERS = ("none", "torchrun", "ray")
-# Launcher of a stage whose profile does not name one: multi-rank training stages run under torchrun.
-DEFAULT_LAUNCHERS = {"pretrain": "torchrun"}
 PACKAGERS = ("none", "git")
 TUNNELS = ("local", "ssh")
 
@@ -54,7 +52,7 @@ class Resources:
     mem: str | None = None  # e.g. "64G"
     time: str = "01:00:00"
     partition: str | None = None
-    launcher: str = ""  # "" = the stage's default (DEFAULT_LAUNCHERS, else "none")
+    launcher: str = ""  # "" = the stage's default: torchrun for a multi-rank stage, else "none"
 
 
 @dataclasses.dataclass
@@ -89,7 +87,7 @@ class ClusterProfile:
         """Return the resources of `stage`'s job: the defaults with the stage's overrides."""
         res = dataclasses.replace(self.defaults, **self.stages.get(stage, {}))
         if not res.launcher:
-            res.launcher = DEFAULT_LAUNCHERS.get(stage, "none")
+            res.launcher = "torchrun" if stage in load_registry().stages and get_stage(stage).multi_rank else "none"
         return res
 
 

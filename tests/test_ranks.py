@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import contract_stages
-from pipeline import cli, clusters
+from pipeline import cli
 from pipeline import stage as registry
 from pipeline.config import ConfigError
 from pipeline.execution import make_executor, run_stages
@@ -31,9 +31,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 @pytest.fixture
 def toy(monkeypatch):
-    """Install the toy registry here and in child processes (PYTHONPATH); `r` runs under torchrun."""
+    """Install the toy registry here and in child processes (PYTHONPATH); `r` (multi-rank) runs under torchrun."""
     monkeypatch.setattr(registry, "_active", registry._active)  # the real registry comes back after the test
-    monkeypatch.setitem(clusters.DEFAULT_LAUNCHERS, "r", "torchrun")
     monkeypatch.setenv("PYTHONPATH", f"{TESTS_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     contract_stages.install()
     return contract_stages
