@@ -15,26 +15,18 @@ from typing import Any, Callable
 
 import torch
 
+from deploy.llm_runtime.sampling import Sampling, warp
+
 NextLogits = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]  # (ids [b, t], cache) -> ([b, V], cache)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Return `logits` [b, V] divided by `temperature`, with tokens outside top-k / the top-p nucleus at -inf.
 
-    top_k 0 and top_p 1.0 keep every token; the most likely token is always kept.
+    top_k 0 and top_p 1.0 keep every token; the most likely token is always kept. One
+    convention with the served decoder: `deploy.llm_runtime.sampling.warp` (transformers' order).
     """
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [b, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [b, V]
-        probs = sorted_logits.softmax(-1)
-        before = probs.cumsum(-1) - probs  # probability mass ranked above each token
-        drop_sorted = before >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    return warp(logits, Sampling(temperature=temperature, top_k=top_k, top_p=top_p))
 
 
 def pick_tokens(

@@ -53,7 +53,10 @@ def generator_for(seed: int | None) -> torch.Generator:
 
 
 def warp(scores: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Return the logits (1, V) after temperature, top-k and top-p (filtered entries are -inf)."""
+    """Return the logits (B, V) after temperature, top-k and top-p (filtered entries are -inf).
+
+    The one sampling filter of the repository: recipes.generate uses it too.
+    """
     if sampling.temperature != 1.0:
         scores = scores / sampling.temperature
     if sampling.top_k:
