@@ -201,16 +201,65 @@ def cap_docs(docs: pd.DataFrame, max_docs: int, seed: int) -> pd.DataFrame:
     return docs.iloc[keep].reset_index(drop=True)
 
 
+def json_line(record: dict) -> str:
+    """Return `record` as one JSON line, not ASCII-escaped unless it holds a lone surrogate.
+
+    A string UTF-8 cannot encode (a lone surrogate, e.g. from a file name that is
+    not UTF-8) is written `\\udXXX`-escaped: the line stays valid JSON and UTF-8.
+    """
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record)
+    return line + "\n"
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Write `records` to `path`, one JSON object per line (UTF-8, not ASCII-escaped)."""
+    """Write `records` to `path`, one JSON object per line (UTF-8; see `json_line`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        f.writelines(json_line(r) for r in records)
+
+
+def _unencodable(value) -> bool:
+    """Return True for a string UTF-8 cannot encode (a lone surrogate)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def split_unwritable(docs: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """Return (the documents a corpus shard can hold, a reject for each other one).
+
+    A document whose output column holds a string UTF-8 cannot encode (a lone
+    surrogate) cannot be written as JSONL or Parquet; it is rejected
+    (`unwritable`, naming the column) instead of failing the whole stage.
+    """
+    columns = [c for c in OUTPUT_COLUMNS if c in docs]
+    bad = pd.Series(False, index=docs.index)
+    for c in columns:
+        bad |= docs[c].map(_unencodable).astype(bool)
+    rejects = []
+    for row in docs[bad].to_dict("records"):
+        column = next(c for c in columns if _unencodable(row[c]))
+        source = str(row.get("source", ""))
+        file, _, line = source.rpartition(":")
+        rejects.append({
+            "file": file or source, "line": int(line) if line.isdigit() else 0, "reason": "unwritable",
+            "detail": f"column {column!r} has a character UTF-8 cannot encode (lone surrogate)",
+            "raw": str(row["text"])[:300].encode("utf-8", "replace").decode("utf-8"),
+        })
+    return docs[~bad.to_numpy()].reset_index(drop=True), rejects
 
 
 def write_shards(corpus_dir: Path, docs: pd.DataFrame, docs_per_shard: int, output_format: str = "jsonl") -> list[Path]:
     """Write the documents' output columns as `shard-NNNNN.<format>` files; return their paths."""
-    columns = [c for c in OUTPUT_COLUMNS if c in docs]
+    columns = [c for c in OUTPUT_COLUMNS if c in docs]  # split_unwritable first: these must encode as UTF-8
     corpus_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for n, start in enumerate(range(0, max(len(docs), 1), docs_per_shard)):
@@ -283,11 +332,18 @@ def run(ctx: StageContext) -> StageResult:
         write_jsonl(out / "rejects" / "near_duplicates.jsonl", deduped._metadata["near_duplicates"])
     kept = deduped.to_pandas()
     final = cap_docs(kept, cfg.max_docs, ctx.seed)
+    capped = len(final)
+    final, unwritable = split_unwritable(final)
+    if unwritable:
+        rejects = rejects + unwritable
+        write_jsonl(out / "rejects" / "rejects.jsonl", rejects)
 
     steps = [{"step": n, **totals[n]} for n in totals]
     steps += [{"step": n, **s} for n, s in deduped._metadata["steps"].items() if n in ("exact_dedup", "fuzzy_dedup")]
-    steps.append({"step": "max_docs", "docs_in": len(kept), "docs_out": len(final),
-                  "reasons": {"over_max_docs": len(kept) - len(final)} if len(kept) > len(final) else {}, "counts": {}})
+    steps.append({"step": "max_docs", "docs_in": len(kept), "docs_out": capped,
+                  "reasons": {"over_max_docs": len(kept) - capped} if len(kept) > capped else {}, "counts": {}})
+    steps.append({"step": "write", "docs_in": capped, "docs_out": len(final),
+                  "reasons": {"unwritable": len(unwritable)} if unwritable else {}, "counts": {}})
     stats = build_stats(files, lines, rejects, steps, final)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print_stats(stats)

@@ -88,6 +88,8 @@ def candidate_pairs(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     keys = band_keys(sigs, bands, rows)
     ids = np.flatnonzero((sigs != EMPTY).any(axis=1))
     pairs = [np.zeros((0, 2), dtype=np.int64)]
+    if not len(ids):  # no text has words: no pair (np.r_[True, ...] below needs one text)
+        return pairs[0]
     for band in range(bands):
         order = np.argsort(keys[ids, band], kind="stable")
         sorted_keys, sorted_ids = keys[ids, band][order], ids[order]

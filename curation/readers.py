@@ -15,17 +15,27 @@ A record is a reject, with its reason, when its line is not valid UTF-8
 (invalid_utf8) or not valid JSON (invalid_json), is not an object
 (not_an_object), lacks the text field (missing_text) or has it null
 (null_text) or not a string (text_not_string), when its text is empty or
-blank (empty_text), or when it is longer than `max_doc_bytes` (too_large).
+blank (empty_text), when its text or id holds a lone surrogate (a `\\udXXX`
+escape JSON accepts but UTF-8 cannot encode: unencodable_text /
+unencodable_id), or when it is longer than `max_doc_bytes` (too_large; the
+line is skipped without holding more than `max_doc_bytes` of it in memory).
+A UTF-8 BOM at the start of a file is dropped; CR, LF and CRLF all end a line.
+A file that cannot be read to its end (a truncated or corrupt `.gz`/`.zst`,
+a broken Parquet file) keeps the records read before the damage and adds one
+reject (unreadable_file) for the rest.
 
 A directory stands for the files with these suffixes under it, sorted.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import io
 import json
+import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -33,6 +43,10 @@ from typing import BinaryIO
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".parquet", ".txt")
 MAX_DOC_BYTES = 10_000_000
 RAW_PREVIEW_BYTES = 300
+SKIP_CHUNK_BYTES = 1 << 20
+_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+# what a damaged compressed stream or Parquet file raises while being read
+READ_ERRORS = (EOFError, OSError, zlib.error, ValueError)
 
 
 @dataclasses.dataclass
@@ -119,28 +133,68 @@ def _read_text(path: Path, max_doc_bytes: int) -> ReadResult:
         return ReadResult([], [_reject(path, 1, "invalid_utf8", str(exc), raw)], 1)
     if not text.strip():
         return ReadResult([], [_reject(path, 1, "empty_text", "blank file", raw)], 1)
-    return ReadResult([{"id": path.stem, "text": text, "source": f"{path.name}:1"}], [], 1)
+    return ReadResult([{"id": _printable(path.stem), "text": text, "source": f"{_printable(path.name)}:1"}], [], 1)
+
+
+def _lines(f: BinaryIO, max_doc_bytes: int) -> Iterator[bytes | tuple[int, bytes]]:
+    """Yield the lines of `f` (CR, LF or CRLF ended, BOM dropped); for a line over `max_doc_bytes`, (length, head).
+
+    A long line is skipped in chunks, never held whole in memory.
+    """
+    first = True
+    while True:
+        raw = f.readline(max_doc_bytes + 1)
+        if not raw:
+            return
+        if first and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        first = False
+        if len(raw.rstrip(b"\r\n")) > max_doc_bytes:
+            size, head = len(raw), raw[:RAW_PREVIEW_BYTES]
+            while not raw.endswith(b"\n"):
+                raw = f.readline(SKIP_CHUNK_BYTES)
+                if not raw:
+                    break
+                size += len(raw)
+            yield size, head
+            continue
+        if b"\r" in raw.rstrip(b"\r\n"):
+            yield from _LINE_ENDS.split(raw.rstrip(b"\r\n"))
+        else:
+            yield raw
 
 
 def _read_jsonl(path: Path, f: BinaryIO, text_field: str, id_field: str, max_doc_bytes: int) -> ReadResult:
     """Return the records of a JSON-lines stream; bad lines become rejects with their line number."""
     docs: list[dict[str, str]] = []
     rejects: list[dict] = []
-    seen = 0
-    for number, raw in enumerate(f, start=1):
+    seen = number = 0
+    lines = _lines(f, max_doc_bytes)
+    while True:
+        try:
+            raw = next(lines, None)
+        except READ_ERRORS as exc:  # truncated or corrupt compressed file: keep what came before
+            seen += 1
+            rejects.append(_reject(path, number + 1, "unreadable_file", f"{type(exc).__name__}: {exc}", b""))
+            break
+        if raw is None:
+            break
+        number += 1
+        if isinstance(raw, tuple):
+            seen += 1
+            size, head = raw
+            rejects.append(_reject(path, number, "too_large", f"{size} bytes > {max_doc_bytes}", head))
+            continue
         if not raw.strip():
             continue
         seen += 1
-        if len(raw) > max_doc_bytes:
-            rejects.append(_reject(path, number, "too_large", f"{len(raw)} bytes > {max_doc_bytes}", raw))
-            continue
         try:
             record = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
             rejects.append(_reject(path, number, "invalid_utf8", str(exc), raw))
             continue
-        except json.JSONDecodeError as exc:
-            rejects.append(_reject(path, number, "invalid_json", str(exc), raw))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            rejects.append(_reject(path, number, "invalid_json", f"{type(exc).__name__}: {exc}", raw))
             continue
         doc, reject = _document(record, path, number, text_field, id_field, raw)
         if reject:
@@ -156,11 +210,15 @@ def _read_parquet(path: Path, text_field: str, id_field: str, max_doc_bytes: int
 
     docs: list[dict[str, str]] = []
     rejects: list[dict] = []
-    parquet = pq.ParquetFile(path)
-    names = set(parquet.schema_arrow.names)
-    columns = [c for c in (text_field, id_field) if c in names]
     number = 0
-    for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+    try:
+        parquet = pq.ParquetFile(path)
+        names = set(parquet.schema_arrow.names)
+        columns = [c for c in (text_field, id_field) if c in names]
+        batches = list(parquet.iter_batches(batch_size=4096, columns=columns))
+    except READ_ERRORS as exc:  # not a Parquet file, or a damaged one (pyarrow errors are these)
+        return ReadResult([], [_reject(path, 1, "unreadable_file", f"{type(exc).__name__}: {exc}", b"")], 1)
+    for batch in batches:
         for record in batch.to_pylist():
             number += 1
             raw = json.dumps(record, ensure_ascii=False, default=str).encode("utf-8")
@@ -190,9 +248,33 @@ def _document(
         return None, _reject(path, number, "text_not_string", type(text).__name__, raw)
     if not text.strip():
         return None, _reject(path, number, "empty_text", f"field {text_field!r} is blank", raw)
+    if not _encodable(text):
+        return None, _reject(path, number, "unencodable_text", f"field {text_field!r}: {_surrogate(text)}", raw)
     doc_id = record.get(id_field)
-    doc_id = f"{path.stem}-{number}" if doc_id in (None, "") else str(doc_id)
-    return {"id": doc_id, "text": text, "source": f"{path.name}:{number}"}, None
+    doc_id = f"{_printable(path.stem)}-{number}" if doc_id in (None, "") else str(doc_id)
+    if not _encodable(doc_id):
+        return None, _reject(path, number, "unencodable_id", f"field {id_field!r}: {_surrogate(doc_id)}", raw)
+    return {"id": doc_id, "text": text, "source": f"{_printable(path.name)}:{number}"}, None
+
+
+def _encodable(text: str) -> bool:
+    """Return True when `text` can be written as UTF-8 (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """Return a file name as UTF-8 can hold it (a non-UTF-8 name's bytes become `?`)."""
+    return name.encode("utf-8", "replace").decode("utf-8")
+
+
+def _surrogate(text: str) -> str:
+    """Return where the first character UTF-8 cannot encode is, e.g. `lone surrogate \\ud800 at 3`."""
+    pos = next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
+    return f"lone surrogate \\u{ord(text[pos]):04x} at character {pos}"
 
 
 def iter_documents(paths: list[str | Path], text_field: str = "text") -> Iterator[str]:
