@@ -54,19 +54,27 @@ def _train(args: argparse.Namespace, chain: str) -> int:
         return 2
 
 
+def _command_parser(prog: str, description: str, order, default_dir: str, what: str,
+                    command: str, help: str, command_description: str):
+    """Return (the parser of `prog`, the parser of its `command`): `train` runs the chain `order`, `command` uses it."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train_parser(sub, order, default_dir, what)
+    return parser, sub.add_parser(command, help=help, description=command_description)
+
+
 def t2i_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `aigc t2i`."""
-    parser = argparse.ArgumentParser(
-        prog="aigc t2i",
-        description="Text-to-image latent diffusion: a caption set (digits + drawn shapes), an AutoencoderKL, "
+    parser, p = _command_parser(
+        "aigc t2i",
+        "Text-to-image latent diffusion: a caption set (digits + drawn shapes), an AutoencoderKL, "
         "a text encoder + UNet2DConditionModel trained by DDPM with prompt dropout, sampled by DDIM/DDPM "
         "with classifier-free guidance and judged by a classifier trained on the real images.",
+        T2I_ORDER, "runs/t2i", "text-to-image",
+        "sample", "generate images for a prompt from a trained run, as a PNG grid",
+        "Generate --num images for PROMPT (seeds --seed, --seed+1, ...) with the "
+        "model of a finished `aigc t2i train`, written as one PNG grid.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_train_parser(sub, T2I_ORDER, "runs/t2i", "text-to-image")
-    p = sub.add_parser("sample", help="generate images for a prompt from a trained run, as a PNG grid",
-                       description="Generate --num images for PROMPT (seeds --seed, --seed+1, ...) with the "
-                       "model of a finished `aigc t2i train`, written as one PNG grid.")
     p.add_argument("prompt", help='caption, e.g. "a handwritten three" or "a red circle" (words outside the '
                    "training vocabulary are reported and ignored as [UNK])")
     p.add_argument("--run-dir", default="runs/t2i", help="run directory of `aigc t2i train` (default: %(default)s)")
@@ -116,17 +124,15 @@ def t2i_main(argv: list[str]) -> int:
 
 def nerf_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `aigc nerf`."""
-    parser = argparse.ArgumentParser(
-        prog="aigc nerf",
-        description="NeRF in pure PyTorch on a ray-traced scene (spheres on a floor, Blender-format "
+    parser, p = _command_parser(
+        "aigc nerf",
+        "NeRF in pure PyTorch on a ray-traced scene (spheres on a floor, Blender-format "
         "transforms + PNGs): positional encoding + MLP, stratified + importance sampling, volume rendering; "
         "held-out PSNR/SSIM against training time.",
+        NERF_ORDER, "runs/nerf", "NeRF",
+        "render", "render a trained NeRF from a pose (PNG) or round the scene (GIF)",
+        "Render the fields of a finished `aigc nerf train` from a camera pose, or a turntable GIF.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_train_parser(sub, NERF_ORDER, "runs/nerf", "NeRF")
-    p = sub.add_parser("render", help="render a trained NeRF from a pose (PNG) or round the scene (GIF)",
-                       description="Render the fields of a finished `aigc nerf train` from a camera pose, "
-                       "or a turntable GIF.")
     p.add_argument("--run-dir", default="runs/nerf", help="run directory of `aigc nerf train` (default: %(default)s)")
     p.add_argument("--pose", default="30,30",
                    help="camera: AZIMUTH,ELEVATION[,RADIUS] in degrees (looking at the scene centre; radius "
