@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from recipes.instructions import PROMPTS, SPLITS, check_messages, continuations, is_heldout, read_jsonl
+from recipes.instructions import PROMPTS, check_messages, check_record, continuations, is_heldout, read_jsonl
 
 REJECTED_KINDS = ("shuffled", "unrelated")
 
@@ -66,12 +66,7 @@ def build_pairs(docs: list[dict], seed: int, heldout_fraction: float, rejected: 
 
 def check_pair(record: object, where: str) -> None:
     """Raise ValueError (prefixed by `where`) unless `record` is a well-formed preference record."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: a preference record must be a JSON object")
-    if not isinstance(record.get("id"), str):
-        raise ValueError(f"{where}: 'id' must be a string")
-    if record.get("split") not in SPLITS:
-        raise ValueError(f"{where}: 'split' must be one of {SPLITS}")
+    check_record(record, where, "a preference record")
     prompt = record.get("prompt")
     if not isinstance(prompt, list) or not prompt:
         raise ValueError(f"{where}: 'prompt' must be a non-empty list of messages")

@@ -133,14 +133,20 @@ def check_messages(messages: object, where: str) -> None:
         raise ValueError(f"{where}: the last message must be the assistant's answer")
 
 
-def check_instruction(record: object, where: str) -> None:
-    """Raise ValueError (prefixed by `where`) unless `record` is a well-formed instruction record."""
+def check_record(record: object, where: str, kind: str) -> None:
+    """Raise ValueError (prefixed by `where`) unless `record` is a JSON object with a string 'id' and a
+    'split' of SPLITS: the fields every record of ours has; `kind` names it ("an instruction record")."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: an instruction record must be a JSON object")
+        raise ValueError(f"{where}: {kind} must be a JSON object")
     if not isinstance(record.get("id"), str):
         raise ValueError(f"{where}: 'id' must be a string")
     if record.get("split") not in SPLITS:
         raise ValueError(f"{where}: 'split' must be one of {SPLITS}")
+
+
+def check_instruction(record: object, where: str) -> None:
+    """Raise ValueError (prefixed by `where`) unless `record` is a well-formed instruction record."""
+    check_record(record, where, "an instruction record")
     check_messages(record.get("messages"), where)
 
 
