@@ -21,9 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from rich.console import Console
-from rich.table import Table
 
+from multimodal.figures import print_figures
 from multimodal.pictures import save_grid, to_uint8
 from pipeline.stage import StageContext, StageResult
 
@@ -169,12 +168,7 @@ def run(ctx: StageContext) -> StageResult:
     save_grid(np.stack(images[:16]), ctx.out_dir / "preview.png", ncols=8, scale=2)
     metrics = {"train_views": len(train), "test_views": len(test), "image_size": cfg.image_size,
                "focal_px": round(focal, 3), "near": NEAR, "far": FAR}
-    table = Table(title="nerf_data: ray-traced views")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for k, v in metrics.items():
-        table.add_row(k, str(v))
-    Console().print(table)
+    print_figures("nerf_data: ray-traced views", metrics)
     return StageResult(
         outputs={"train": "transforms_train.json", "test": "transforms_test.json", "train_images": "train",
                  "test_images": "test", "preview": "preview.png"},

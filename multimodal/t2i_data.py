@@ -19,10 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from rich.console import Console
-from rich.table import Table
 from safetensors.torch import load_file, save_file
 
+from multimodal.figures import print_figures
 from multimodal.pictures import save_grid
 from pipeline.stage import StageContext, StageResult
 
@@ -153,12 +152,7 @@ def run(ctx: StageContext) -> StageResult:
         "distinct_captions": len(set(data["captions"])),
         "image_size": cfg.image_size,
     }
-    table = Table(title="t2i_data: image–caption set")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for k, v in metrics.items():
-        table.add_row(k, str(v))
-    Console().print(table)
+    print_figures("t2i_data: image–caption set", metrics)
     return StageResult(
         outputs={"dataset": DATASET_FILE, "captions": CAPTIONS_FILE, "classes": CLASSES_FILE, "preview": "preview.png"},
         metrics=metrics,

@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from rich.console import Console
-from rich.table import Table
 from tqdm import tqdm
 
 from multimodal.diffusion import build_unet, diffusion_loss, make_train_scheduler, unet_denoiser
+from multimodal.figures import print_figures
 from multimodal.pictures import save_grid, save_line_plot
 from multimodal.t2i_data import class_prompts, read_caption_set
 from multimodal.t2i_judge import build_judge, judge_images
@@ -194,9 +193,4 @@ def run(ctx: StageContext) -> StageResult:
 
 def print_summary(metrics: dict) -> None:
     """Print the stage's key figures as a rich table."""
-    table = Table(title="t2i_train: latent diffusion, judged")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for k, v in metrics.items():
-        table.add_row(k, str(v))
-    Console().print(table)
+    print_figures("t2i_train: latent diffusion, judged", metrics)

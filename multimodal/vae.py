@@ -12,10 +12,9 @@ import time
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from rich.console import Console
-from rich.table import Table
 from tqdm import tqdm
 
+from multimodal.figures import print_figures
 from multimodal.pictures import save_grid, save_line_plot
 from multimodal.t2i_data import read_caption_set
 from pipeline.stage import StageContext, StageResult
@@ -139,12 +138,7 @@ def run(ctx: StageContext) -> StageResult:
         "train_s": round(train_s, 1),
         "train_cpu_s": round(cpu_s, 1),
     }
-    table = Table(title="t2i_vae: AutoencoderKL")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for k, v in metrics.items():
-        table.add_row(k, str(v))
-    Console().print(table)
+    print_figures("t2i_vae: AutoencoderKL", metrics)
     return StageResult(
         outputs={"vae": VAE_DIR, "reconstructions": "reconstructions.png", "loss_curve": "loss_curve.png"},
         metrics=metrics,
