@@ -15,7 +15,6 @@ Steps, for every method:
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from alignment.stages import AlignConfig
 from curation.corpus import read_corpus
 from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm
-from recipes.instructions import chat_char_budget, write_jsonl
+from recipes.instructions import chat_char_budget, select_split, write_jsonl
 
 METHODS = ("dpo", "ppo", "grpo", "steerlm")
 
@@ -72,12 +71,7 @@ def check_config(cfg: AlignConfig) -> None:
 
 def select_pairs(records: list[dict], cfg: AlignConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """Return (train, val) pairs: train shuffled by `seed` and capped by max_pairs, val capped by eval_pairs."""
-    train = [r for r in records if r["split"] == "train"]
-    val = [r for r in records if r["split"] == "val"]
-    random.Random(seed).shuffle(train)
-    if cfg.max_pairs:
-        train = train[: cfg.max_pairs]
-    return train, val[: cfg.eval_pairs]
+    return select_split(records, seed, cfg.max_pairs, cfg.eval_pairs)
 
 
 def load_pairs(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[list, list, dict]:

@@ -133,6 +133,17 @@ def check_messages(messages: object, where: str) -> None:
         raise ValueError(f"{where}: the last message must be the assistant's answer")
 
 
+def select_split(records: list[dict], seed: int, max_train: int, max_val: int) -> tuple[list[dict], list[dict]]:
+    """Return (train, val) records by their 'split': train shuffled by `seed` and capped by max_train
+    (0: all), val capped by max_val."""
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    random.Random(seed).shuffle(train)
+    if max_train:
+        train = train[:max_train]
+    return train, val[:max_val]
+
+
 def check_record(record: object, where: str, kind: str) -> None:
     """Raise ValueError (prefixed by `where`) unless `record` is a JSON object with a string 'id' and a
     'split' of SPLITS: the fields every record of ours has; `kind` names it ("an instruction record")."""

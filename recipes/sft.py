@@ -46,6 +46,7 @@ from recipes.instructions import (
     chat_char_budget,
     check_rejects,
     read_user_instructions,
+    select_split,
     write_jsonl,
 )
 from recipes.plots import save_loss_curve
@@ -55,12 +56,7 @@ from recipes.stages import SFTConfig
 
 def select_examples(records: list[dict], cfg: SFTConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """Return (train, val) records: train shuffled by `seed` and capped by max_examples, val capped by eval_examples."""
-    train = [r for r in records if r["split"] == "train"]
-    val = [r for r in records if r["split"] == "val"]
-    random.Random(seed).shuffle(train)
-    if cfg.max_examples:
-        train = train[: cfg.max_examples]
-    return train, val[: cfg.eval_examples]
+    return select_split(records, seed, cfg.max_examples, cfg.eval_examples)
 
 
 def load_records(ctx: StageContext, cfg: SFTConfig, max_length: int) -> tuple[list[dict], dict]:
