@@ -112,5 +112,8 @@ def clean_text(text: str, fix: bool = True, markup: bool = True, urls: bool = Fa
 
 
 def dedup_key(text: str) -> str:
-    """Return the exact-dedup hash of a cleaned text (sha1 of its whitespace-collapsed form)."""
-    return hashlib.sha1(" ".join(text.split()).encode("utf-8")).hexdigest()
+    """Return the exact-dedup hash of a cleaned text (sha1 of its whitespace-collapsed form).
+
+    Lone surrogates (which the readers reject, but a caller may pass) hash as their code units.
+    """
+    return hashlib.sha1(" ".join(text.split()).encode("utf-8", "surrogatepass")).hexdigest()

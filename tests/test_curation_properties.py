@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from nemo_curator.tasks import DocumentBatch
 
@@ -27,7 +27,10 @@ from curation.curator_stages import ExactDedupStage, FuzzyDedupStage, HeuristicF
 from curation.readers import read_file
 from curation.stages import CurateConfig
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI runs the same examples on every clone (a new falsifying example is found by running
+# with derandomize=False locally, then pinned with @example)
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # any code point, lone surrogates included (what a JSON \u escape can express)
 any_char = st.characters(min_codepoint=0, max_codepoint=0x10FFFF)
@@ -162,6 +165,7 @@ def test_a_line_of_many_megabytes_is_rejected_without_reading_it_whole(tmp_path)
 
 @SETTINGS
 @given(text=st.one_of(any_text, wordy_text), urls=st.booleans(), fix=st.booleans())
+@example(text="\ud800", urls=False, fix=False)  # found by hypothesis: dedup_key raised UnicodeEncodeError
 def test_cleaning_never_raises_and_is_idempotent_on_whitespace(text, urls, fix):
     cleaned = clean_text(text, fix=fix, urls=urls)
     assert isinstance(cleaned, str) and cleaned == cleaned.strip()
