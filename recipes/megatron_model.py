@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from pipeline.ranks import init_distributed, ranks_from_env
 from recipes.cpu_shims import apply_cpu_shims
 from recipes.models import ModelRecipe, Parallelism
 from recipes.sharding import init_weights
@@ -70,12 +70,7 @@ def has_transformer_engine() -> bool:
 
 def _init_process_group(cuda: bool) -> None:
     """Join the launch's process group (env:// under torchrun/srun), or make a one-process in-memory world."""
-    if torch.distributed.is_initialized():
-        return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    if torch.distributed.is_initialized() or init_distributed(ranks_from_env()):
         return
     if cuda:
         torch.cuda.set_device(0)

@@ -143,7 +143,8 @@ def run(ctx: StageContext) -> StageResult:
                   dataclasses.asdict(layout), tensorboard_dir)
     padded_vocab = recipe.padded_vocab_size(vocab_size, recipe.parallelism.tensor)
     check_tokens = valid_batches[0]["tokens"]
-    megatron_logits = full_logits(chunks, valid_batches, padded_vocab)
+    # the first micro-batch is compared with HF; the interleaved schedule needs PP micro-batches to run
+    megatron_logits = full_logits(chunks, valid_batches[: layout.pipeline], padded_vocab)
     if not world.is_main:
         return StageResult(outputs={}, metrics={})
 
