@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from curation.corpus import read_corpus
 from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm
+from recipes.data_parallel import DataParallel
 from recipes.instructions import (
     build_instructions,
     chat_char_budget,
@@ -49,6 +51,7 @@ from recipes.instructions import (
     select_split,
     write_jsonl,
 )
+from recipes.loop_checkpoint import LoopCheckpoints, latest_step, python_rng_state, set_python_rng_state
 from recipes.plots import save_loss_curve
 from recipes.sft_recipes import resolve_config
 from recipes.stages import SFTConfig
@@ -62,17 +65,20 @@ def select_examples(records: list[dict], cfg: SFTConfig, seed: int) -> tuple[lis
 def load_records(ctx: StageContext, cfg: SFTConfig, max_length: int) -> tuple[list[dict], dict]:
     """Return (instruction records, counts) from cfg.data_files or the curated corpus.
 
-    Rejects of data_files are written to rejects/rejects.jsonl (always
-    written, empty for the corpus); too many fail the stage.
+    Rejects of data_files are written (by rank 0) to rejects/rejects.jsonl
+    (always written, empty for the corpus); too many fail the stage.
     """
     rejects_path = ctx.out_dir / "rejects" / "rejects.jsonl"
-    rejects_path.parent.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        rejects_path.parent.mkdir(parents=True, exist_ok=True)
     if cfg.data_files:
         records, rejects, lines = read_user_instructions(list(cfg.data_files), ctx.seed, cfg.heldout_fraction)
-        write_jsonl(rejects_path, rejects)
+        if ctx.is_main:
+            write_jsonl(rejects_path, rejects)
         check_rejects(rejects, lines, cfg.max_rejects_fraction, rejects_path)
         return records, {"records_read": lines, "rejects": len(rejects)}
-    write_jsonl(rejects_path, [])
+    if ctx.is_main:
+        write_jsonl(rejects_path, [])
     docs = read_corpus(ctx.input_path("curate", "corpus"))
     records = build_instructions(docs, ctx.seed, cfg.heldout_fraction, chat_char_budget(max_length))
     return records, {"records_read": len(records), "rejects": 0}
@@ -114,16 +120,24 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 
 
 @torch.no_grad()
-def heldout_loss(model: PreTrainedModel, rows: list[dict], pad_id: int, cfg: SFTConfig) -> tuple[float, int]:
-    """Return (token-weighted mean NLL, scored tokens) of `rows` (from hf_lm.pack_examples) in eval mode."""
+def heldout_loss(
+    model: PreTrainedModel, rows: list[dict], pad_id: int, cfg: SFTConfig, dp: DataParallel | None = None
+) -> tuple[float, int]:
+    """Return (token-weighted mean NLL, scored tokens) of `rows` (from hf_lm.pack_examples) in eval mode.
+
+    With several ranks each scores its share of the rows and the sums are added up.
+    """
+    dp = dp or DataParallel()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    mine = dp.share(rows, even=False)
     total, count = 0.0, 0
-    for s in tqdm(range(0, len(rows), cfg.batch_size), desc="held-out loss", leave=False):
+    for s in tqdm(range(0, len(mine), cfg.batch_size), desc="held-out loss", leave=False, disable=not dp.is_main):
         with autocast(device, cfg.bf16):
-            nll, n = hf_lm.forward_nll(model, hf_lm.collate_rows(rows[s : s + cfg.batch_size], pad_id))
+            nll, n = hf_lm.forward_nll(model, hf_lm.collate_rows(mine[s : s + cfg.batch_size], pad_id))
         total, count = total + nll.item(), count + n
+    total, count = dp.sum(total), int(dp.sum(count))
     model.train(was_training)
     if count == 0:
         raise ValueError("no scored tokens: every held-out chat is empty or fully masked")
@@ -131,7 +145,13 @@ def heldout_loss(model: PreTrainedModel, rows: list[dict], pad_id: int, cfg: SFT
 
 
 def fine_tune(
-    model: PreTrainedModel, rows: list[dict], val_rows: list[dict], pad_id: int, cfg: SFTConfig, seed: int
+    model: PreTrainedModel,
+    rows: list[dict],
+    val_rows: list[dict],
+    pad_id: int,
+    cfg: SFTConfig,
+    seed: int,
+    checkpoints: LoopCheckpoints | None = None,
 ) -> dict:
     """Train the trainable weights of `model` for cfg.max_steps AdamW steps; return the log.
 
@@ -141,7 +161,14 @@ def fine_tune(
     seeded permutation of `rows` (re-drawn each epoch); its loss is the mean
     cross-entropy over all labelled tokens of the step. Linear warmup, then
     linear decay to zero; gradients clipped to norm 1.
+
+    Data parallel (recipes.data_parallel) over the ranks of the default process
+    group: the same global batch whatever the world size, each rank its share of
+    every micro-batch. With `checkpoints`, the loop saves periodically and
+    resumes from the newest checkpoint where there is one.
     """
+    dp = checkpoints.dp if checkpoints else DataParallel.current()
+    dp.check_divides(cfg.batch_size, "sft.batch_size")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -151,36 +178,56 @@ def fine_tune(
     )
     rng = random.Random(seed)
     order: list[int] = []
-    log: dict = {"train": [], "val": []}
-    step_seconds = 0.0
+    log: dict = {"train": [], "val": [], "seconds": 0.0}
+    checkpoints = checkpoints or LoopCheckpoints(None, 0, dp=dp)
+    resumed = checkpoints.restore({"model": model}, {"adamw": optimizer}, {"lr": schedule})
+    first = 1
+    if resumed:
+        set_python_rng_state(rng, resumed["state"]["rng"])
+        order, log, first = resumed["state"]["order"], resumed["state"]["log"], resumed["step"] + 1
+        log["val"] = [tuple(v) for v in log["val"]]
+    trained = dp.wrap(model)
     model.train()
-    for step in tqdm(range(1, cfg.max_steps + 1), desc=f"sft ({cfg.mode})"):
+    bar = tqdm(range(first, cfg.max_steps + 1), desc=f"sft ({cfg.mode})", initial=first - 1, total=cfg.max_steps,
+               disable=not dp.is_main)
+    for step in bar:
         started = time.perf_counter()
         micro = []
         for _ in range(cfg.grad_accum_steps):
             if len(order) < cfg.batch_size:
                 order += rng.sample(range(len(rows)), len(rows))
             picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            micro.append(hf_lm.collate_rows([rows[i] for i in picked], pad_id))
-        step_tokens = sum(int((b["labels"][:, 1:] != hf_lm.IGNORE).sum()) for b in micro)
+            micro.append(hf_lm.collate_rows([rows[i] for i in dp.share(picked)], pad_id))
+        step_tokens = dp.sum(sum(int((b["labels"][:, 1:] != hf_lm.IGNORE).sum()) for b in micro))
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for batch in micro:
             with autocast(device, cfg.bf16):
-                nll, _ = hf_lm.forward_nll(model, batch)
-            loss = nll / max(step_tokens, 1)  # the step's mean over every labelled token
-            loss.backward()
-            step_loss += loss.item()
+                nll, _ = hf_lm.forward_nll(trained, batch)
+            # the step's mean over every labelled token of the global batch; x world size: DDP averages
+            (nll * dp.world_size / max(step_tokens, 1)).backward()
+            step_loss += nll.item() / max(step_tokens, 1)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        step_seconds += time.perf_counter() - started
-        log["train"].append(step_loss)
+        log["seconds"] += time.perf_counter() - started
+        log["train"].append(dp.sum(step_loss))
+        bar.set_postfix(loss=f"{log['train'][-1]:.3f}")
         if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
-            log["val"].append((step, heldout_loss(model, val_rows, pad_id, cfg)[0]))
+            log["val"].append((step, heldout_loss(model, val_rows, pad_id, cfg, dp)[0]))
+        if checkpoints.due(step, cfg.max_steps):
+            state = {"rng": python_rng_state(rng), "order": order, "log": log}
+            checkpoints.save(step, {"model": model}, {"adamw": optimizer}, {"lr": schedule}, state)
     model.eval()
-    log["step_time_s"] = step_seconds / max(cfg.max_steps, 1)
+    log["step_time_s"] = log["seconds"] / max(cfg.max_steps, 1)
     return log
+
+
+def train_log(log: dict) -> list[dict]:
+    """Return one record per step: {"step", "loss"} and "val_loss" at the steps the held-out set was scored."""
+    val = dict(log["val"])
+    return [{"step": s, "loss": loss} | ({"val_loss": val[s]} if s in val else {})
+            for s, loss in enumerate(log["train"], start=1)]
 
 
 def save_model(
@@ -198,12 +245,17 @@ def save_model(
 
 
 def run(ctx: StageContext) -> StageResult:
-    """Read or build instructions, fine-tune the pretrain checkpoint, save hf/ (and adapter/ for LoRA)."""
+    """Read or build instructions, fine-tune the pretrain checkpoint, save hf/ (and adapter/ for LoRA).
+
+    On several ranks (torchrun/srun) it trains data-parallel; rank 0 alone writes the outputs.
+    Resumes from checkpoints/ of an interrupted run of the same fingerprint; deletes them when done.
+    """
     cfg = resolve_config(ctx.config)
-    (ctx.out_dir / "sft_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if ctx.is_main:
+        (ctx.out_dir / "sft_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     started = time.time()
     torch.manual_seed(ctx.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the rank's GPU: set by the runner
     base_path = ctx.input_path("pretrain", "hf")
     model = load_for_training(base_path, cfg, device)
     tokenizer = AutoTokenizer.from_pretrained(str(base_path), local_files_only=True)
@@ -216,7 +268,8 @@ def run(ctx: StageContext) -> StageResult:
             f"sft needs training and held-out instructions; {counts['records_read']} records gave "
             f"{len(train)} train and {len(val)} held-out whose prompt fits {max_length} tokens"
         )
-    write_jsonl(ctx.out_dir / "instructions.jsonl", train + val)  # exactly what is used
+    if ctx.is_main:
+        write_jsonl(ctx.out_dir / "instructions.jsonl", train + val)  # exactly what is used
     encoded = {
         split: [hf_lm.encode_chat(tokenizer, r["messages"], max_length) for r in records]
         for split, records in (("train", train), ("val", val))
@@ -224,20 +277,27 @@ def run(ctx: StageContext) -> StageResult:
     rows = hf_lm.pack_examples(encoded["train"], max_length, cfg.packing)
     val_rows = hf_lm.pack_examples(encoded["val"], max_length, False)  # one chat a row: packing changes no loss
     pad_id = tokenizer.pad_token_id
-    val_before, val_tokens = heldout_loss(model, val_rows, pad_id, cfg)
+    dp = DataParallel.current()
+    val_before, val_tokens = heldout_loss(model, val_rows, pad_id, cfg, dp)
 
     if cfg.mode == "lora":
         model = add_lora(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     train_started = time.time()
-    log = fine_tune(model, rows, val_rows, pad_id, cfg, ctx.seed)
+    checkpoints = LoopCheckpoints(ctx.out_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints, dp)
+    checkpoints_step = latest_step(checkpoints.root)
+    log = fine_tune(model, rows, val_rows, pad_id, cfg, ctx.seed, checkpoints)
     train_time = time.time() - train_started
     val_after = log["val"][-1][1] if log["val"] else val_before
-    outputs = save_model(model, tokenizer, cfg, ctx.out_dir)
     train_curve = list(enumerate(log["train"], start=1))
-    save_loss_curve(ctx.out_dir / "loss_curve.png", train_curve, [(0, val_before)] + log["val"], "held-out",
-                    "loss on answer tokens (nats/token)")
+    outputs = {}
+    if ctx.is_main:
+        outputs = save_model(model, tokenizer, cfg, ctx.out_dir)
+        save_loss_curve(ctx.out_dir / "loss_curve.png", train_curve, [(0, val_before)] + log["val"], "held-out",
+                        "loss on answer tokens (nats/token)")
+        write_jsonl(ctx.out_dir / "train_log.jsonl", train_log(log))
+        shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)  # hf/ (and adapter/) hold the result
     losses = log["train"]
     train_tokens = sum(len(r["input_ids"]) for r in rows)
     metrics = {
@@ -264,15 +324,20 @@ def run(ctx: StageContext) -> StageResult:
         "trainable_params": trainable,
         "total_params": total,
         "trainable_fraction": round(trainable / total, 5),
+        "data_parallel": dp.world_size,
+        "global_batch_rows": cfg.batch_size * cfg.grad_accum_steps,
+        "resumed_from_step": checkpoints_step,
         "step_time_s": round(log["step_time_s"], 4),
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.time() - started, 2),
     }
-    _print_summary(metrics)
+    if ctx.is_main:
+        _print_summary(metrics)
     return StageResult(
         outputs=outputs
         | {
             "instructions": "instructions.jsonl",
+            "train_log": "train_log.jsonl",
             "rejects": "rejects/rejects.jsonl",
             "loss_curve": "loss_curve.png",
             "config": "sft_config.json",

@@ -75,6 +75,8 @@ class SFTConfig:
     eval_every: int | None = None  # steps between held-out losses on the loss curve; 0 = start and end only
     bf16: bool | None = None  # on CUDA: bf16 autocast (and a bf16 frozen base with LoRA); CPU trains in fp32
     gradient_checkpointing: bool | None = None
+    checkpoint_every: int = 25  # steps between resumable checkpoints (and at the last step); 0 = none
+    keep_checkpoints: int = 2  # newest kept under checkpoints/ while training (deleted once hf/ is saved)
     # LoRA / DoRA
     lora_rank: int | None = None
     lora_alpha: int | None = None
@@ -105,7 +107,8 @@ STAGES = {
                       key_metrics=("params", "layout", "val_loss", "unigram_val_loss", "val_ppl", "tokens_per_s"),
                       multi_rank=True, dry_run="recipes.parallel_plan:dry_run"),
     "sft": Stage("sft", SFTConfig, "recipes.sft:run", inputs=("curate", "pretrain"), path_fields=("data_files",),
-                 key_metrics=("mode", "val_loss_before", "val_loss_after", "trainable_fraction", "steps")),
+                 key_metrics=("mode", "val_loss_before", "val_loss_after", "trainable_fraction", "steps"),
+                 multi_rank=True),
     "evaluate": Stage(
         "evaluate", EvaluateConfig, "recipes.evaluate:run", inputs=("tokenize", "pretrain", "sft", "align"),
         key_metrics=("pretrain_ppl", "sft_ppl", "align_ppl", "pretrain_acc_few_shot", "sft_acc_few_shot"),

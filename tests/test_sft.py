@@ -220,7 +220,10 @@ def test_sft_stage_through_the_runner(tmp_path, tokenizer, docs):
     manifest = execute_stage(str(run_dir), "sft", configs_to_json(configs))
 
     out = run_dir / "sft"
-    assert set(manifest["outputs"]) == {"hf", "adapter", "instructions", "rejects", "loss_curve", "config"}
+    assert set(manifest["outputs"]) == {"hf", "adapter", "instructions", "rejects", "loss_curve", "config", "train_log"}
+    assert not (out / "checkpoints").exists()  # deleted once hf/ is saved
+    steps = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 21)) and "val_loss" in steps[-1]
     m = manifest["metrics"]
     ran = json.loads((out / "sft_config.json").read_text())
     assert ran["max_steps"] == 20 and ran["lora_rank"] == RECIPES["tiny"]["lora_rank"]  # override, recipe
