@@ -5,16 +5,24 @@ Steps, for every method:
      align.pairs_files; those whose prompt leaves a quarter of the model's positions to the answer;
   2. reward model trained on the training pairs (Bradley-Terry), accuracy on the held-out pairs;
   3. the method (SFT model frozen as reference: a second copy, or the LoRA policy's base):
-     dpo: TRL's DPOTrainer; ppo: our PPO with a critic initialised from the reward model;
-     grpo: our GRPO; steerlm: attribute model + attribute-conditioned SFT;
+     dpo (ipo, hinge): our loop, losses checked against TRL's; ppo: with a critic initialised from
+     the reward model; grpo; steerlm: attribute model + attribute-conditioned SFT;
   4. judge: aligned against SFT model on held-out prompts (reward-model score, win rate), KL from
      the reference, wall time;
   5. save the policy (merged when LoRA) as the HF checkpoint `hf/` the evaluate and export stages read.
+
+On several ranks (torchrun/srun) every training phase is data-parallel
+(recipes.data_parallel; PPO/GRPO: alignment.rl_loop) with the same global
+batches as one process; rank 0 alone writes outputs, judges and saves. Every
+phase checkpoints under checkpoints/<phase>/ every checkpoint_every steps and
+at its end (recipes.loop_checkpoint), so a killed stage re-run with the same
+command resumes where it stopped; checkpoints/ is deleted once hf/ is saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +32,7 @@ from rich.table import Table
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment import steerlm
-from alignment.dpo import REWARD_KEYS, train_dpo
+from alignment.dpo import REWARD_KEYS, check_loss_type, train_dpo
 from alignment.grpo import train_grpo
 from alignment.judge import judge
 from alignment.policy import Reference, add_lora, load_policy, prompt_ids
@@ -36,7 +44,9 @@ from alignment.stages import AlignConfig
 from curation.corpus import read_corpus
 from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm
+from recipes.data_parallel import DataParallel
 from recipes.instructions import chat_char_budget, select_split, write_jsonl
+from recipes.loop_checkpoint import LoopCheckpoints, latest_step
 
 METHODS = ("dpo", "ppo", "grpo", "steerlm")
 
@@ -56,6 +66,8 @@ def check_config(cfg: AlignConfig) -> None:
     """Raise ValueError for a method or setting the stage cannot run."""
     if cfg.method not in METHODS:
         raise ValueError(f"align.method={cfg.method!r} is not implemented; available: {', '.join(METHODS)}")
+    if cfg.method == "dpo":
+        check_loss_type(cfg.loss_type)
     if cfg.method == "grpo" and cfg.group_size < 2:
         raise ValueError("align.group_size must be at least 2: GRPO compares responses within a group")
     if cfg.reward_fn:
@@ -94,8 +106,23 @@ def load_pairs(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, max_length
     return train, val, {"pairs_built": len(built), "dropped_prompt_too_long": len(built) - len(fitting)}
 
 
+def phase_checkpoints(ctx: StageContext, phase: str) -> LoopCheckpoints:
+    """Return the checkpoints of training phase `phase` (reward_model, dpo, ppo, ...) under checkpoints/."""
+    cfg: AlignConfig = ctx.config
+    return LoopCheckpoints(ctx.out_dir / "checkpoints" / phase, cfg.checkpoint_every, cfg.keep_checkpoints)
+
+
+def save_hf(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    """Save `model` and `tokenizer` as the HF checkpoint `name/` (rank 0), then let every rank read it."""
+    if ctx.is_main:
+        model.save_pretrained(ctx.out_dir / name)
+        tokenizer.save_pretrained(ctx.out_dir / name)
+    DataParallel.current().barrier()
+
+
 def fit_reward_model(
-    sft_path: Path, tokenizer: PreTrainedTokenizerBase, train: list, val: list, cfg: AlignConfig, seed: int
+    sft_path: Path, tokenizer: PreTrainedTokenizerBase, train: list, val: list, cfg: AlignConfig, seed: int,
+    checkpoints: LoopCheckpoints | None = None,
 ) -> tuple[PreTrainedModel, dict]:
     """Return (reward model trained on `train`, its figures: held-out accuracy and margin before/after, loss)."""
     model = load_scoring_model(sft_path)
@@ -104,7 +131,8 @@ def fit_reward_model(
     pad_id = tokenizer.pad_token_id
     before = pairwise_accuracy(model, val_ex, pad_id, cfg.batch_size)
     started = time.time()
-    losses = train_reward_model(model, train_ex, pad_id, cfg.rm_steps, cfg.batch_size, cfg.rm_learning_rate, seed)
+    losses = train_reward_model(model, train_ex, pad_id, cfg.rm_steps, cfg.batch_size, cfg.rm_learning_rate, seed,
+                                checkpoints)
     after = pairwise_accuracy(model, val_ex, pad_id, cfg.batch_size)
     tail = losses[-10:]
     return model, {
@@ -141,13 +169,11 @@ def rl_summary(log: list[dict]) -> dict:
 
 
 def align_dpo(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, train: list, val: list) -> Aligned:
-    """DPO with TRL (reference: a frozen copy, or the LoRA policy with adapters disabled)."""
+    """DPO (reference: a frozen copy, or the LoRA policy with adapters disabled)."""
     cfg: AlignConfig = ctx.config
-    sft_path = ctx.input_path("sft", "hf")
-    policy, _ = load_policy(sft_path)
-    reference = None if cfg.lora else load_policy(sft_path)[0]
-    policy, metrics = train_dpo(policy, reference, tokenizer, train, val, cfg, ctx.seed, ctx.out_dir / "trainer")
-    return Aligned(policy, Reference(policy, reference), metrics)
+    policy, reference = policy_and_reference(ctx.input_path("sft", "hf"), cfg)
+    metrics = train_dpo(policy, reference, tokenizer, train, val, cfg, ctx.seed, phase_checkpoints(ctx, "dpo"))
+    return Aligned(policy, reference, metrics)
 
 
 def align_rl(
@@ -163,15 +189,16 @@ def align_rl(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     started = time.time()
     outputs = {"train_log": "train_log.jsonl"}
+    checkpoints = phase_checkpoints(ctx, cfg.method)
     if cfg.method == "ppo":
         critic = load_scoring_model(ctx.out_dir / "reward_model")
-        log = train_ppo(policy, critic, reference, reward, prompts, rl_cfg, eos, pad, ctx.seed)
-        critic.save_pretrained(ctx.out_dir / "critic")
-        tokenizer.save_pretrained(ctx.out_dir / "critic")
+        log = train_ppo(policy, critic, reference, reward, prompts, rl_cfg, eos, pad, ctx.seed, checkpoints)
+        save_hf(ctx, critic, tokenizer, "critic")
         outputs["critic"] = "critic"
     else:
-        log = train_grpo(policy, reference, reward, prompts, rl_cfg, eos, pad, ctx.seed)
-    write_jsonl(ctx.out_dir / "train_log.jsonl", log)
+        log = train_grpo(policy, reference, reward, prompts, rl_cfg, eos, pad, ctx.seed, checkpoints)
+    if ctx.is_main:
+        write_jsonl(ctx.out_dir / "train_log.jsonl", log)
     metrics = {
         "rl_reward_source": cfg.reward_fn or "reward_model",
         "steps": len(log),
@@ -201,22 +228,24 @@ def align_steerlm(
     attribute_model = load_scoring_model(sft_path, num_labels=len(steerlm.ATTRIBUTES))
     steerlm.train_attribute_model(
         attribute_model, tokenizer, train_items, max_length, cfg.attribute_steps, cfg.batch_size,
-        cfg.rm_learning_rate, ctx.seed,
+        cfg.rm_learning_rate, ctx.seed, phase_checkpoints(ctx, "attribute_model"),
     )
     val_predicted = steerlm.predict_attributes(attribute_model, tokenizer, val_items, max_length, cfg.batch_size)
     if cfg.steer_labels == "model":
         labels = steerlm.predict_attributes(attribute_model, tokenizer, train_items, max_length, cfg.batch_size)
     else:
         labels = [{a: item[a] for a in steerlm.ATTRIBUTES} for item in train_items]
-    attribute_model.save_pretrained(ctx.out_dir / "attribute_model")
-    tokenizer.save_pretrained(ctx.out_dir / "attribute_model")
+    save_hf(ctx, attribute_model, tokenizer, "attribute_model")
     del attribute_model
 
     policy, reference = policy_and_reference(sft_path, cfg)
     examples = steerlm.conditioned_examples(tokenizer, train_items, labels, max_length)
     losses = steerlm.train_conditioned(
-        policy, examples, tokenizer.pad_token_id, cfg.steer_steps, cfg.batch_size, cfg.steer_learning_rate, ctx.seed
+        policy, examples, tokenizer.pad_token_id, cfg.steer_steps, cfg.batch_size, cfg.steer_learning_rate, ctx.seed,
+        phase_checkpoints(ctx, "steerlm_sft"),
     )
+    if not ctx.is_main:  # rank 0 measures the steering, judges and saves
+        return Aligned(policy, reference, {})
     words = steerlm.steered_word_counts(policy, tokenizer, judged, cfg.steer_helpfulness, new_tokens)
     accuracy = steerlm.attribute_accuracy(val_predicted, val_items)
     metrics = {
@@ -239,17 +268,20 @@ def run(ctx: StageContext) -> StageResult:
     cfg: AlignConfig = ctx.config
     check_config(cfg)
     started = time.time()
+    phases = ctx.out_dir / "checkpoints"
+    resumed = sorted(p.name for p in phases.iterdir() if latest_step(p)) if phases.is_dir() else []
     torch.manual_seed(ctx.seed)
     sft_path = ctx.input_path("sft", "hf")
     tokenizer = AutoTokenizer.from_pretrained(str(sft_path), local_files_only=True)
     max_length = min(cfg.max_length, AutoConfig.from_pretrained(str(sft_path)).max_position_embeddings)
     new_tokens = min(cfg.max_new_tokens, max_length - int(hf_lm.MAX_PROMPT_SHARE * max_length))
     train, val, counts = load_pairs(ctx, tokenizer, max_length)
-    write_jsonl(ctx.out_dir / "pairs.jsonl", train + val)  # exactly what is used
+    if ctx.is_main:
+        write_jsonl(ctx.out_dir / "pairs.jsonl", train + val)  # exactly what is used
 
-    reward_model, rm_metrics = fit_reward_model(sft_path, tokenizer, train, val, cfg, ctx.seed)
-    reward_model.save_pretrained(ctx.out_dir / "reward_model")
-    tokenizer.save_pretrained(ctx.out_dir / "reward_model")
+    reward_model, rm_metrics = fit_reward_model(sft_path, tokenizer, train, val, cfg, ctx.seed,
+                                                phase_checkpoints(ctx, "reward_model"))
+    save_hf(ctx, reward_model, tokenizer, "reward_model")
 
     judged = [p["prompt"] for p in val[: cfg.judge_prompts]]
     if cfg.method == "dpo":
@@ -258,6 +290,8 @@ def run(ctx: StageContext) -> StageResult:
         aligned = align_rl(ctx, tokenizer, train, reward_model, new_tokens)
     else:
         aligned = align_steerlm(ctx, tokenizer, train, val, max_length, new_tokens, judged)
+    if not ctx.is_main:  # trained; rank 0 judges and writes the outputs
+        return StageResult(outputs={}, metrics={})
 
     steer = aligned.judged_prompt
     policy_prompts = [
@@ -278,10 +312,13 @@ def run(ctx: StageContext) -> StageResult:
         policy = policy.merge_and_unload()
     policy.save_pretrained(ctx.out_dir / "hf")
     tokenizer.save_pretrained(ctx.out_dir / "hf")
+    shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)  # the saved models hold the result
 
     metrics = {
         "method": cfg.method,
         "lora": cfg.lora,
+        "data_parallel": DataParallel.current().world_size,
+        "resumed_phases": resumed,
         **counts,
         "train_pairs": len(train),
         "val_pairs": len(val),

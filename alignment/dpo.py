@@ -1,134 +1,131 @@
-"""DPO and its relatives (TRL's DPOTrainer loss types: sigmoid = DPO, ipo, hinge, ...) on preference pairs.
+"""DPO and its relatives (sigmoid = DPO, ipo, hinge = SLiC) on preference pairs, in our data-parallel loop.
 
-The reference is the frozen SFT model: a second copy when the whole policy
-is trained, or, with a LoRA policy, the same model with its adapters
-disabled (TRL does this when it gets a peft_config and no ref_model), so no
-second copy is held. Held-out pairs are scored before and after training
-(implicit rewards beta * log pi/pi_ref: all zero before, by construction).
-fp32 and no gradient checkpointing: this runs on CPU.
+The loss of a pair is computed from log-ratio sums r = log pi(answer) - log
+pi_ref(answer) over the answer tokens, as TRL's DPOTrainer computes it (the
+tests check ours against TRL's on the same pairs): sigmoid -log sigmoid(beta
+(r_c - r_r)), hinge relu(1 - beta (r_c - r_r)), ipo (r_c/|c| - r_r/|r| -
+1/(2 beta))^2. The reference is the frozen SFT model: a second copy when the
+whole policy is trained, or, with a LoRA policy, the same model with its
+adapters disabled, so no second copy is held. Held-out pairs are scored before
+and after training with TRL's figures (implicit rewards beta * r: all zero
+before, by construction).
+
+Why our loop and not TRL's trainer: it is `alignment.reward_model.train_loop`,
+the loop every other method trains in, so DPO gets the same data-parallel
+semantics (one global batch whatever the world size) and the same atomic,
+pickle-free checkpoints with exact resume; HF Trainer under torchrun spreads a
+global batch differently (its per-step losses at 2 ranks left the one-rank ones
+after the first update) and has a checkpoint format of its own.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
-from datasets import Dataset
+import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from trl import DPOConfig, DPOTrainer
 
-from alignment.policy import lora_config
+from alignment.policy import Reference, response_logprobs
+from alignment.reward_model import encode_pairs, pair_rollout, train_loop
 from alignment.stages import AlignConfig
 from recipes import hf_lm
+from recipes.loop_checkpoint import LoopCheckpoints
 
-# TRL's logged figures kept in the stage metrics (eval_ prefix on held-out scores).
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+# TRL's names of the DPO figures, kept in the stage metrics (val_ prefix on held-out scores).
 REWARD_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
 
-def _as_dataset(pairs: list[dict]) -> Dataset:
-    """Return the pairs as a datasets.Dataset with TRL's prompt/chosen/rejected columns only."""
-    return Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+def check_loss_type(loss_type: str) -> None:
+    """Raise ValueError for a DPO loss this module does not implement."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"align.loss_type={loss_type!r}: choose from {', '.join(LOSS_TYPES)}")
 
 
-def make_trainer(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel | None,
-    tokenizer: PreTrainedTokenizerBase,
-    train: list[dict],
-    val: list[dict],
-    cfg: AlignConfig,
-    seed: int,
-    work_dir: Path,
-) -> DPOTrainer:
-    """Return a DPOTrainer of `policy` against the frozen `reference` on conversational pairs.
+def log_ratios(policy: PreTrainedModel, reference: Reference, examples: list[dict],
+               pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (r_chosen, r_rejected, answer lengths (B, 2)): log pi - log pi_ref summed over each answer's tokens.
 
-    With cfg.lora the trainer wraps `policy` in a fresh LoRA adapter and
-    `reference` must be None: the reference is the policy with adapters
-    disabled. The held-out pairs are scored in a single batch, so TRL's
-    logged eval figures are exact means over them.
+    Gradients flow through the policy's log-probs only.
     """
-    if cfg.lora != (reference is None):
-        raise ValueError("DPO takes a reference model exactly when the policy is not a LoRA (cfg.lora=False)")
-    args = DPOConfig(
-        output_dir=str(work_dir),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=max(len(val), 1),
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=cfg.warmup_steps,
-        beta=cfg.beta,
-        loss_type=[cfg.loss_type],
-        max_length=hf_lm.context_length(policy, cfg.max_length),
-        bf16=False,
-        fp16=False,
-        activation_checkpointing=False,  # new name of gradient_checkpointing, which TRL turns on by default
-        dataloader_pin_memory=False,
-        logging_steps=max(1, cfg.max_steps // 10),
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-    )
-    if reference is not None:
-        reference.requires_grad_(False).eval()
-    return DPOTrainer(
-        model=policy,
-        ref_model=reference,
-        args=args,
-        train_dataset=_as_dataset(train),
-        eval_dataset=_as_dataset(val),
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora_rank, cfg.lora_alpha) if cfg.lora else None,
-    )
+    rollout = pair_rollout(examples, pad_id)  # B chosen rows, then B rejected rows
+    logp = response_logprobs(policy, rollout)[0].sum(-1)  # (2B,)
+    ref = reference.logprobs(rollout).sum(-1).to(logp.device)  # (2B,)
+    lengths = rollout.response_mask.sum(-1).view(2, -1).t()  # (B, 2)
+    ratio = logp - ref
+    return ratio[: len(examples)], ratio[len(examples) :], lengths.to(logp.device)
 
 
-def held_out_scores(trainer: DPOTrainer) -> dict[str, float]:
-    """Return TRL's DPO figures (loss, reward accuracy/margin/chosen/rejected) on the held-out pairs."""
-    logged = trainer.evaluate()
-    return {key: round(float(logged[f"eval_{key}"]), 5) for key in REWARD_KEYS}
+def dpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, lengths: torch.Tensor, beta: float,
+               loss_type: str) -> torch.Tensor:
+    """Return the (B,) per-pair losses of `loss_type` from log-ratio sums of the chosen and rejected answers."""
+    if loss_type == "sigmoid":  # DPO (Rafailov et al.)
+        return -F.logsigmoid(beta * (chosen - rejected))
+    if loss_type == "hinge":  # SLiC
+        return torch.relu(1 - beta * (chosen - rejected))
+    # IPO (Azar et al., eq. 17) on per-token log-ratios, tau = beta
+    return (chosen / lengths[:, 0] - rejected / lengths[:, 1] - 1 / (2 * beta)) ** 2
 
 
-def last_train_log(trainer: DPOTrainer) -> dict[str, float]:
-    """Return the last logged training figures of REWARD_KEYS."""
-    for entry in reversed(trainer.state.log_history):
-        if "rewards/margins" in entry and "loss" in entry:
-            return {key: round(float(entry[key]), 5) for key in REWARD_KEYS}
-    return {}
+@torch.no_grad()
+def held_out_scores(policy: PreTrainedModel, reference: Reference, examples: list[dict], pad_id: int,
+                    cfg: AlignConfig) -> dict[str, float]:
+    """Return TRL's DPO figures on `examples`: loss, reward accuracy, margin, chosen and rejected reward (means)."""
+    policy.eval()
+    losses, chosen_rewards, rejected_rewards = [], [], []
+    for s in range(0, len(examples), cfg.batch_size):
+        chosen, rejected, lengths = log_ratios(policy, reference, examples[s : s + cfg.batch_size], pad_id)
+        losses.append(dpo_losses(chosen, rejected, lengths, cfg.beta, cfg.loss_type))
+        chosen_rewards.append(cfg.beta * chosen)
+        rejected_rewards.append(cfg.beta * rejected)
+    loss, chosen, rejected = torch.cat(losses), torch.cat(chosen_rewards), torch.cat(rejected_rewards)
+    figures = {
+        "loss": loss.mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+    }
+    return {k: round(float(v), 5) for k, v in figures.items()}
 
 
 def train_dpo(
     policy: PreTrainedModel,
-    reference: PreTrainedModel | None,
+    reference: Reference,
     tokenizer: PreTrainedTokenizerBase,
     train: list[dict],
     val: list[dict],
     cfg: AlignConfig,
     seed: int,
-    work_dir: Path,
-) -> tuple[PreTrainedModel, dict]:
-    """DPO-train `policy`; return (the trained policy, a PeftModel with cfg.lora, and the DPO metrics).
+    checkpoints: LoopCheckpoints | None = None,
+) -> dict:
+    """DPO-train `policy` (all weights, or its LoRA adapter) against `reference` for cfg.max_steps; return figures.
 
-    Metrics: TRL's held-out figures before and after (val_<key>_before/after),
-    the last logged training figures (train_<key>_last), steps, train time.
+    Figures: held-out figures before and after (val_<key>_before/after), the
+    mean training loss of the last (up to) 10 steps, steps, train time.
     """
-    trainer = make_trainer(policy, reference, tokenizer, train, val, cfg, seed, work_dir)
-    before = held_out_scores(trainer)
+    check_loss_type(cfg.loss_type)
+    max_length = hf_lm.context_length(policy, cfg.max_length)
+    train_ex, val_ex = encode_pairs(tokenizer, train, max_length), encode_pairs(tokenizer, val, max_length)
+    pad_id = tokenizer.pad_token_id
+    before = held_out_scores(policy, reference, val_ex, pad_id, cfg)
+
+    def batch_loss(rows: list[int]) -> tuple[torch.Tensor, float]:
+        chosen, rejected, lengths = log_ratios(policy, reference, [train_ex[i] for i in rows], pad_id)
+        return dpo_losses(chosen, rejected, lengths, cfg.beta, cfg.loss_type).sum(), len(rows)
+
     started = time.time()
-    trainer.train()
+    losses = train_loop(policy, batch_loss, len(train_ex), cfg.max_steps, cfg.batch_size, cfg.learning_rate, seed,
+                        f"dpo ({cfg.loss_type})", checkpoints, cfg.warmup_steps)
     train_time = time.time() - started
-    after = held_out_scores(trainer)
-    train_last = last_train_log(trainer)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    metrics = {
+    after = held_out_scores(policy, reference, val_ex, pad_id, cfg)
+    tail = losses[-10:]
+    return {
         "loss_type": cfg.loss_type,
-        "steps": trainer.state.global_step,
+        "steps": len(losses),
         **{f"val_{k.replace('/', '_')}_before": v for k, v in before.items()},
         **{f"val_{k.replace('/', '_')}_after": v for k, v in after.items()},
-        **{f"train_{k.replace('/', '_')}_last": v for k, v in train_last.items()},
+        "train_loss_end": round(sum(tail) / len(tail), 5) if tail else None,
         "train_time_s": round(train_time, 2),
     }
-    return trainer.model, metrics

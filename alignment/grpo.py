@@ -15,16 +15,15 @@ k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1, an unbiased, positive
 
 from __future__ import annotations
 
-import random
-
 import torch
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from alignment.policy import Reference, generate, response_logprobs
+from alignment.policy import Reference, response_logprobs
 from alignment.ppo import masked_mean
 from alignment.rewards import RewardFn
+from alignment.rl_loop import RLLoop
 from alignment.stages import AlignConfig
+from recipes.loop_checkpoint import LoopCheckpoints
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -49,10 +48,12 @@ def grpo_loss(
     mask: torch.Tensor,
     clip: float,
     kl_coef: float,
+    responses: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (GRPO loss, mean per-token k3 KL); log-probs and mask (B, R), advantages (B,).
 
-    Each response's token losses are averaged over its tokens, then over responses.
+    Each response's token losses are averaged over its tokens, then over
+    responses (over `responses` where given: a rank's share of a minibatch).
     """
     ratio = torch.exp(logprobs - old_logprobs)  # (B, R)
     adv = advantages.unsqueeze(-1)  # (B, 1): one advantage for the whole response
@@ -60,7 +61,7 @@ def grpo_loss(
     kl = k3_kl(logprobs, ref_logprobs)
     per_token = -surrogate + kl_coef * kl  # (B, R)
     per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
-    return per_sequence.mean(), masked_mean(kl, mask)
+    return per_sequence.sum() / (responses or per_sequence.numel()), masked_mean(kl, mask)
 
 
 def train_grpo(
@@ -72,44 +73,40 @@ def train_grpo(
     eos_id: int,
     pad_id: int,
     seed: int,
+    checkpoints: LoopCheckpoints | None = None,
 ) -> list[dict]:
     """Train `policy` with GRPO for cfg.rl_iterations; return each iteration's figures.
 
     Figures: reward (mean score), reward_std_in_group (mean within-group std:
     0 means no learning signal), kl (mean per-sequence sum of log pi - log
-    pi_ref on the samples), entropy, loss, response length.
+    pi_ref on the samples), entropy, loss, response length. Data parallel and
+    checkpointed as PPO (alignment.rl_loop): group statistics are taken over
+    the gathered scores, so a group may span ranks.
     """
+    loop = RLLoop(checkpoints, seed)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     groups = max(cfg.rollout_size // cfg.group_size, 1)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)  # sampling in generate draws from torch's global RNG
-    log = []
-    for iteration in (bar := tqdm(range(cfg.rl_iterations), desc="grpo")):
-        picked = rng.sample(range(len(prompts)), min(groups, len(prompts)))
-        batch = [prompts[i] for i in picked for _ in range(cfg.group_size)]  # each prompt group_size times in a row
-        rollout = generate(policy, batch, cfg.max_new_tokens, eos_id, pad_id, sample=True)
+    modules, optimizers = {"policy": policy}, {"adamw": optimizer}
+    loop.restore(modules, optimizers)
+    for iteration in (bar := loop.iterations(cfg.rl_iterations, "grpo")):
+        batch = loop.pick(prompts, groups, repeat=cfg.group_size)  # each prompt group_size times in a row
+        rollout = loop.sample(policy, batch, iteration, cfg.max_new_tokens, eos_id, pad_id)
         mask = rollout.response_mask  # (B, R)
-        with torch.no_grad():
-            old_logprobs, entropy = response_logprobs(policy, rollout)  # (B, R) each
-            ref_logprobs = reference.logprobs(rollout)  # (B, R)
-            scores = reward(rollout)  # (B,)
+        old_logprobs, entropy = loop.scored(rollout, lambda part: response_logprobs(policy, part))  # (B, R) each
+        (ref_logprobs,) = loop.scored(rollout, lambda part: (reference.logprobs(part),))  # (B, R)
+        (scores,) = loop.scored(rollout, lambda part: (reward(part),))  # (B,)
         advantages = group_advantages(scores, cfg.group_size)  # (B,)
         policy.train()
         losses = []
-        for _ in range(cfg.ppo_epochs):
-            order = torch.tensor(rng.sample(range(len(batch)), len(batch)))
-            for rows in order.split(cfg.batch_size):
-                logprobs, _ = response_logprobs(policy, rollout.select(rows))
-                loss, _ = grpo_loss(
-                    logprobs, old_logprobs[rows], ref_logprobs[rows], advantages[rows], mask[rows],
-                    cfg.clip_range, cfg.kl_coef,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                losses.append(loss.item())
+        for rows, mine in loop.minibatches(len(batch), cfg.ppo_epochs, cfg.batch_size):
+            logprobs, _ = response_logprobs(policy, rollout.select(mine))
+            loss, _ = grpo_loss(
+                logprobs, old_logprobs[mine], ref_logprobs[mine], advantages[mine], mask[mine],
+                cfg.clip_range, cfg.kl_coef, len(rows),
+            )
+            loop.step(loss, params, optimizer)
+            losses.append(loop.dp.sum(loss.item()))
         policy.eval()
         entry = {
             "iteration": iteration,
@@ -120,6 +117,6 @@ def train_grpo(
             "response_tokens": mask.sum(-1).mean().item(),
             "loss": sum(losses) / len(losses),
         }
-        log.append(entry)
         bar.set_postfix(reward=f"{entry['reward']:.3f}", kl=f"{entry['kl']:.3f}")
-    return log
+        loop.finish(iteration, entry, modules, optimizers)
+    return loop.log

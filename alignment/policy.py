@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from recipes import hf_lm
+from recipes.data_parallel import DataParallel
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -100,6 +101,24 @@ def cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
+class SeededSampling(LogitsProcessor):
+    """Adds Gumbel noise drawn from one seeded generator per row: greedy decoding then samples softmax(logits).
+
+    argmax(logits + Gumbel noise) is an exact draw from softmax(logits) (the
+    Gumbel-max trick), so each row's sample depends on its own seed only, not on
+    which other rows share its batch or rank.
+    """
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack([torch.rand(scores.size(-1), generator=g, dtype=torch.float64)
+                               for g in self.generators]).clamp(1e-12, 1 - 1e-12)
+        gumbel = -torch.log(-torch.log(uniform))  # (B, V)
+        return scores.float() + gumbel.to(scores.device, torch.float32)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -108,18 +127,27 @@ def generate(
     eos_id: int,
     pad_id: int,
     sample: bool,
+    seeds: list[int] | None = None,
 ) -> Rollout:
     """Return the Rollout (on the model's device) of its responses to token-id `prompts` (HF generate, KV cache).
 
     sample=True draws from the model's full distribution (temperature 1, no
     top-k/top-p), so the log-probs of response_logprobs are those it was sampled
-    from; sample=False is greedy. Seed torch's global RNG for reproducible samples.
+    from: with `seeds` (one per prompt) each response is drawn by its own
+    seeded generator (SeededSampling: the same response whatever the batch),
+    else from torch's global RNG. sample=False is greedy.
     """
     batch = pack(prompts, [[] for _ in prompts], pad_id).to(model.device)
     width = batch.prompt_width
     ids, mask = batch.input_ids[:, :width], batch.attention_mask[:, :width]  # (B, P)
     model.eval()
-    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {"do_sample": False}
+    processors = None
+    if sample and seeds is not None:
+        sampling, processors = {"do_sample": False}, LogitsProcessorList([SeededSampling(seeds)])
+    elif sample:
+        sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    else:
+        sampling = {"do_sample": False}
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -127,9 +155,29 @@ def generate(
         use_cache=True,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
+        logits_processor=processors,
         **sampling,
     )  # (B, P + new)
     responses = [cut_at_eos(row[width:].tolist(), eos_id) for row in out]
+    return pack(prompts, responses, pad_id).to(model.device)
+
+
+def sample_sharded(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    seeds: list[int],
+    dp: DataParallel,
+) -> Rollout:
+    """Return the Rollout of sampled responses to every prompt, each rank generating its share (seeded per prompt).
+
+    Every rank returns the same whole Rollout (responses gathered in prompt order).
+    """
+    mine = dp.share(list(range(len(prompts))))
+    part = generate(model, [prompts[i] for i in mine], max_new_tokens, eos_id, pad_id, True, [seeds[i] for i in mine])
+    responses = [r for rows in dp.gather_objects(part.responses()) for r in rows]
     return pack(prompts, responses, pad_id).to(model.device)
 
 

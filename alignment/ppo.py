@@ -16,20 +16,20 @@ gives a value at every position.
 
 from __future__ import annotations
 
-import random
-
 import torch
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from alignment.policy import Reference, generate, response_logprobs, response_values
+from alignment.policy import Reference, response_logprobs, response_values
 from alignment.rewards import RewardFn
+from alignment.rl_loop import RLLoop
 from alignment.stages import AlignConfig
+from recipes.loop_checkpoint import LoopCheckpoints
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Return the mean of `x` over positions where `mask` is 1."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, total: float | None = None) -> torch.Tensor:
+    """Return the mean of `x` over positions where `mask` is 1 (over `total` positions where given: a rank's
+    share of a data-parallel batch divides its sum by the whole batch's count)."""
+    return (x * mask).sum() / (total if total is not None else mask.sum().clamp(min=1))
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -69,25 +69,28 @@ def gae(
 
 
 def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float,
+    total: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (PPO's clipped surrogate loss, share of tokens whose ratio was clipped), token means over `mask`.
+    """Return (PPO's clipped surrogate loss, share of tokens whose ratio was clipped), token means over `mask`
+    (over `total` tokens where given, see masked_mean).
 
     loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip))), ratio = pi / pi_old.
     """
     ratio = torch.exp(logprobs - old_logprobs)  # (B, R)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    return loss, masked_mean((clipped > unclipped).float(), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, total)
+    return loss, masked_mean((clipped > unclipped).float(), mask, total)
 
 
 def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float,
+    total: float | None = None,
 ) -> torch.Tensor:
     """Return PPO's clipped value loss 0.5 * mean(max((V - G)^2, (V_clipped - G)^2)), V_clipped within clip of V_old."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask, total)
 
 
 class KLController:
@@ -113,59 +116,58 @@ def train_ppo(
     eos_id: int,
     pad_id: int,
     seed: int,
+    checkpoints: LoopCheckpoints | None = None,
 ) -> list[dict]:
     """Train `policy` (and `critic`) with PPO for cfg.rl_iterations; return each iteration's figures.
 
     Figures: reward (mean score of the rollouts), kl (mean per-sequence sum of
     log pi - log pi_ref on them), kl_coef, entropy (mean per token), policy and
     value loss, clip fraction, response length.
+
+    Data parallel (RLLoop): each rank samples and scores its share of the
+    rollout, every rank then holds the whole rollout and its scores, and
+    trains on its share of each minibatch. With `checkpoints` it saves the
+    policy, the critic, both optimizers and the KL controller every
+    checkpoint_every iterations and resumes from the newest.
     """
+    loop = RLLoop(checkpoints, seed)
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     policy_opt = torch.optim.AdamW(policy_params, lr=cfg.learning_rate, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.rm_learning_rate, weight_decay=0.0)
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)  # sampling in generate draws from torch's global RNG
-    log = []
-    for iteration in (bar := tqdm(range(cfg.rl_iterations), desc="ppo")):
+    modules, optimizers = {"policy": policy, "critic": critic}, {"policy": policy_opt, "critic": critic_opt}
+    state = loop.restore(modules, optimizers)
+    if state:
+        kl_ctl.value = state["kl_coef"]
+    for iteration in (bar := loop.iterations(cfg.rl_iterations, "ppo")):
         # 1-2. rollout and its scores, all without gradients
-        batch = [prompts[i] for i in rng.sample(range(len(prompts)), min(cfg.rollout_size, len(prompts)))]
-        rollout = generate(policy, batch, cfg.max_new_tokens, eos_id, pad_id, sample=True)
+        batch = loop.pick(prompts, cfg.rollout_size)
+        rollout = loop.sample(policy, batch, iteration, cfg.max_new_tokens, eos_id, pad_id)
         mask = rollout.response_mask  # (B, R)
-        with torch.no_grad():
-            old_logprobs, entropy = response_logprobs(policy, rollout)  # (B, R) each
-            ref_logprobs = reference.logprobs(rollout)  # (B, R)
-            old_values = response_values(critic.eval(), rollout)  # (B, R)
-            scores = reward(rollout)  # (B,)
+        old_logprobs, entropy = loop.scored(rollout, lambda part: response_logprobs(policy, part))  # (B, R) each
+        (ref_logprobs,) = loop.scored(rollout, lambda part: (reference.logprobs(part),))  # (B, R)
+        (old_values,) = loop.scored(rollout, lambda part: (response_values(critic.eval(), part),))  # (B, R)
+        (scores,) = loop.scored(rollout, lambda part: (reward(part),))  # (B,)
         # 3-4. per-token rewards with the KL penalty, GAE
         rewards = kl_penalised_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
         advantages = masked_whiten(advantages, mask)
-        # 5. PPO epochs over minibatches
+        # 5. PPO epochs over minibatches, each rank its share of each
         policy.train()
         critic.train()
         stats = {"policy_loss": [], "value_loss": [], "clipfrac": []}
-        for _ in range(cfg.ppo_epochs):
-            order = torch.tensor(rng.sample(range(len(batch)), len(batch)))
-            for rows in order.split(cfg.batch_size):
-                sub, m = rollout.select(rows), mask[rows]
-                logprobs, _ = response_logprobs(policy, sub)
-                policy_loss, clipfrac = clipped_policy_loss(
-                    logprobs, old_logprobs[rows], advantages[rows], m, cfg.clip_range
-                )
-                policy_opt.zero_grad(set_to_none=True)
-                policy_loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy_params, 1.0)
-                policy_opt.step()
-
-                values = response_values(critic, sub)
-                value_loss = clipped_value_loss(values, old_values[rows], returns[rows], m, cfg.value_clip_range)
-                critic_opt.zero_grad(set_to_none=True)
-                value_loss.backward()
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
-                critic_opt.step()
-                for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss), ("clipfrac", clipfrac)):
-                    stats[key].append(value.item())
+        for rows, mine in loop.minibatches(len(batch), cfg.ppo_epochs, cfg.batch_size):
+            sub, m, tokens = rollout.select(mine), mask[mine], float(mask[rows].sum().clamp(min=1))
+            logprobs, _ = response_logprobs(policy, sub)
+            policy_loss, clipfrac = clipped_policy_loss(
+                logprobs, old_logprobs[mine], advantages[mine], m, cfg.clip_range, tokens
+            )
+            loop.step(policy_loss, policy_params, policy_opt)
+            values = response_values(critic, sub)
+            value_loss = clipped_value_loss(values, old_values[mine], returns[mine], m, cfg.value_clip_range, tokens)
+            loop.step(value_loss, list(critic.parameters()), critic_opt)
+            for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss), ("clipfrac", clipfrac)):
+                stats[key].append(loop.dp.sum(value.item()))
         policy.eval()
         critic.eval()
         # 6. KL of this rollout (per sequence) drives the adaptive coefficient
@@ -180,6 +182,6 @@ def train_ppo(
             **{key: sum(v) / len(v) for key, v in stats.items()},
         }
         kl_ctl.update(kl, len(batch))
-        log.append(entry)
         bar.set_postfix(reward=f"{entry['reward']:.3f}", kl=f"{kl:.3f}", vloss=f"{entry['value_loss']:.3f}")
-    return log
+        loop.finish(iteration, entry, modules, optimizers, {"kl_coef": kl_ctl.value})
+    return loop.log

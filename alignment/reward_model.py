@@ -19,6 +19,8 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.policy import Rollout, answer_ids, device, last_token_scores, pack, prompt_ids
+from recipes.data_parallel import DataParallel
+from recipes.loop_checkpoint import LoopCheckpoints, python_rng_state, set_python_rng_state
 
 
 def load_scoring_model(path: Path, num_labels: int = 1) -> PreTrainedModel:
@@ -67,39 +69,63 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 
 def train_loop(
     model: PreTrainedModel,
-    batch_loss: Callable[[list[int]], torch.Tensor],
+    batch_loss: Callable[[list[int]], tuple[torch.Tensor, float]],
     num_examples: int,
     steps: int,
     batch_size: int,
     learning_rate: float,
     seed: int,
     desc: str,
+    checkpoints: LoopCheckpoints | None = None,
+    warmup_steps: int = 0,
 ) -> list[float]:
-    """Train `model` (its parameters that require grad) for `steps` AdamW steps on `batch_loss(example indices)`.
+    """Train `model` (its parameters that require grad) for `steps` AdamW steps; return each step's loss.
 
-    Returns each step's loss. Batches follow a seeded permutation of the
-    examples, re-drawn each epoch; the learning rate decays linearly to zero;
-    gradients are clipped to norm 1.
+    `batch_loss(example indices)` returns (the summed loss of those examples,
+    how many terms the step's mean is over: examples, tokens, outputs). Batches
+    of `batch_size` follow a seeded permutation of the examples, re-drawn each
+    epoch; the learning rate warms up linearly over `warmup_steps`, then decays
+    linearly to zero; gradients are clipped to
+    norm 1. Data parallel over the default process group (recipes.data_parallel:
+    each rank its share of every batch, gradients summed); with `checkpoints`
+    it saves periodically and resumes from the newest (a finished loop restores
+    as finished and trains nothing).
     """
+    dp = checkpoints.dp if checkpoints else DataParallel.current()
+    dp.check_divides(batch_size, desc.replace(" ", "_") + " batch_size")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(steps, 1)))
+    warmup = min(warmup_steps, steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(steps - warmup, 1))
+    )
     rng = random.Random(seed)
     order: list[int] = []
-    losses = []
+    losses: list[float] = []
+    checkpoints = checkpoints or LoopCheckpoints(None, 0, dp=dp)
+    resumed = checkpoints.restore({"model": model}, {"adamw": optimizer}, {"lr": schedule})
+    if resumed:
+        set_python_rng_state(rng, resumed["state"]["rng"])
+        order, losses = resumed["state"]["order"], resumed["state"]["losses"]
     model.train()
-    for _ in (bar := tqdm(range(steps), desc=desc)):
+    for step in (bar := tqdm(range(len(losses) + 1, steps + 1), desc=desc, initial=len(losses), total=steps,
+                             disable=not dp.is_main)):
         if len(order) < batch_size:
             order += rng.sample(range(num_examples), num_examples)
         picked, order = order[:batch_size], order[batch_size:]
-        loss = batch_loss(picked)
+        summed, terms = batch_loss(dp.share(picked))
+        total = max(dp.sum(terms), 1.0)  # a batch of fully truncated answers scores nothing
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (summed / total).backward()
+        dp.reduce_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(dp.sum(summed.item()) / total)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if checkpoints.due(step, steps):
+            state = {"rng": python_rng_state(rng), "order": order, "losses": losses}
+            checkpoints.save(step, {"model": model}, {"adamw": optimizer}, {"lr": schedule}, state)
     model.eval()
     return losses
 
@@ -112,13 +138,15 @@ def train_reward_model(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    checkpoints: LoopCheckpoints | None = None,
 ) -> list[float]:
     """Train `model` on encoded pairs with the Bradley-Terry loss (train_loop); return each step's loss."""
 
-    def batch_loss(rows: list[int]) -> torch.Tensor:
-        return bradley_terry_loss(*pair_scores(model, [examples[i] for i in rows], pad_id))
+    def batch_loss(rows: list[int]) -> tuple[torch.Tensor, float]:
+        return bradley_terry_loss(*pair_scores(model, [examples[i] for i in rows], pad_id)) * len(rows), len(rows)
 
-    return train_loop(model, batch_loss, len(examples), steps, batch_size, learning_rate, seed, "reward model")
+    return train_loop(model, batch_loss, len(examples), steps, batch_size, learning_rate, seed, "reward model",
+                      checkpoints)
 
 
 @torch.no_grad()

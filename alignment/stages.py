@@ -33,7 +33,7 @@ class AlignConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     # DPO
-    loss_type: str = "sigmoid"  # a TRL DPO loss: sigmoid (DPO), ipo, hinge, robust, ...
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge (SLiC), as TRL computes them
     beta: float = 0.1
     # reward model (and the models initialised like it: PPO's critic, SteerLM's attribute model)
     rm_steps: int = 60
@@ -61,6 +61,9 @@ class AlignConfig:
     steer_learning_rate: float = 5e-4  # its learning rate (whole model; about 10x more for a LoRA policy)
     steer_helpfulness: int = 4  # attribute values (0-4) requested when the steered model is judged
     steer_verbosity: int = 2
+    # checkpoints (every training phase: reward model, the method's own)
+    checkpoint_every: int = 20  # steps (ppo/grpo: iterations) between resumable checkpoints, and at each phase's end
+    keep_checkpoints: int = 2  # newest kept per phase under checkpoints/ (deleted once hf/ is saved)
 
 
 STAGES = {
@@ -72,6 +75,7 @@ STAGES = {
         code=("alignment", "recipes"),
         path_fields=("pairs_files",),
         key_metrics=("method", "rm_val_accuracy", "win_rate_vs_sft", "kl_from_reference", "steps"),
+        multi_rank=True,
     ),
 }
 

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from alignment.policy import Rollout, generate, last_token_scores, pack
 from alignment.reward_model import encode_answer, train_loop
 from recipes import hf_lm
+from recipes.loop_checkpoint import LoopCheckpoints
 
 ATTRIBUTES = ("helpfulness", "verbosity")
 LEVELS = 5  # attribute values 0..4
@@ -101,16 +102,18 @@ def train_attribute_model(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    checkpoints: LoopCheckpoints | None = None,
 ) -> list[float]:
     """Train the 2-output head model to predict attribute / 4 (mean squared error); return each step's loss."""
 
-    def batch_loss(rows: list[int]) -> torch.Tensor:
+    def batch_loss(rows: list[int]) -> tuple[torch.Tensor, float]:
         batch = [items[i] for i in rows]
         predicted = last_token_scores(model, _rollout(tokenizer, batch, max_length))  # (B, 2)
         target = torch.tensor([[b[a] / (LEVELS - 1) for a in ATTRIBUTES] for b in batch], device=predicted.device)
-        return F.mse_loss(predicted, target)
+        return F.mse_loss(predicted, target, reduction="sum"), target.numel()
 
-    return train_loop(model, batch_loss, len(items), steps, batch_size, learning_rate, seed, "attribute model")
+    return train_loop(model, batch_loss, len(items), steps, batch_size, learning_rate, seed, "attribute model",
+                      checkpoints)
 
 
 @torch.no_grad()
@@ -160,14 +163,20 @@ def train_conditioned(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    checkpoints: LoopCheckpoints | None = None,
 ) -> list[float]:
     """Train the policy's trainable weights on attribute-conditioned examples (loss on answers); return the losses."""
 
-    def batch_loss(rows: list[int]) -> torch.Tensor:
-        batch = hf_lm.pad_batch([examples[i] for i in rows], pad_id)  # (B, T) tensors
-        return policy(**{k: v.to(policy.device) for k, v in batch.items()}).loss
+    def batch_loss(rows: list[int]) -> tuple[torch.Tensor, float]:
+        batch = {k: v.to(policy.device) for k, v in hf_lm.pad_batch([examples[i] for i in rows], pad_id).items()}
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        targets = batch["labels"][:, 1:]  # token t+1 is predicted at position t
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                              ignore_index=hf_lm.IGNORE, reduction="sum")
+        return nll, int((targets != hf_lm.IGNORE).sum())
 
-    return train_loop(policy, batch_loss, len(examples), steps, batch_size, learning_rate, seed, "steerlm SFT")
+    return train_loop(policy, batch_loss, len(examples), steps, batch_size, learning_rate, seed, "steerlm SFT",
+                      checkpoints)
 
 
 @torch.no_grad()

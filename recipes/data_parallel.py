@@ -2,13 +2,19 @@
 
 The global batch is drawn the same way on every rank (one seeded order), so it
 does not depend on the world size; rank r takes the r-th contiguous share of
-every micro-batch. Gradients are averaged across ranks by PyTorch's
-DistributedDataParallel (gloo on CPU, NCCL on GPU: the process group the
-runner joined, `pipeline.ranks.init_distributed`). A loss that is a sum over
-the global batch divided by its size (tokens, sequences) is computed on each
-rank as its share's sum over the *global* size, times the world size: DDP's
-average of those gradients is then exactly the one-process gradient, up to
-the order of float additions.
+every micro-batch. A loss that is a sum over the global batch divided by its
+size (tokens, pairs, sequences) is computed on each rank as its share's sum
+over the *global* size; `reduce_gradients` then sums the gradients over the
+ranks (one all-reduce of one flat buffer per optimizer step, on the process
+group the runner joined: gloo on CPU, NCCL on GPU), which gives every rank the
+one-process gradient up to the order of float additions.
+
+Why not DistributedDataParallel: the alignment loops train several models
+(policy, critic) with forwards that are not the module's own (per-token values
+from a scoring model's trunk and head), which DDP's forward-hook contract does
+not fit; and with gradient accumulation DDP reduces every micro-batch unless
+told not to. What DDP adds on top (overlapping the reduction with the
+backward) matters on GPU clusters; see the README's scale notes.
 """
 
 from __future__ import annotations
@@ -55,13 +61,20 @@ class DataParallel:
         n, w = len(rows), self.world_size
         return list(rows[n * self.rank // w : n * (self.rank + 1) // w])
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Return `model` under DDP when there is more than one rank (gradients averaged), else `model` itself."""
-        if self.world_size == 1:
-            return model
-        device = next(model.parameters()).device
-        ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients of `params` over the ranks in place (one all-reduce of a flat buffer; no-op on one rank).
+
+        A parameter without a gradient on this rank counts as zero.
+        """
+        if self.world_size == 1 or not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
 
     def sum(self, value: float) -> float:
         """Return the sum over ranks of a Python number (itself on one rank)."""

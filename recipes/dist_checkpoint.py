@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from recipes.loop_checkpoint import checkpoints, latest, prune  # noqa: F401  (the step_<s>/ layout both share)
 from recipes.sharding import Placement, local_view, placements
 
-STEP_DIR = re.compile(r"^step_(\d{7})$")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -126,28 +125,6 @@ def save(root: Path, chunks: list[torch.nn.Module], optimizer, state: dict[str, 
         prune(root, keep)
     _barrier()
     return final
-
-
-def checkpoints(root: Path) -> list[Path]:
-    """Return the complete checkpoints under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "train_state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def latest(root: Path) -> Path | None:
-    """Return the newest complete checkpoint under `root`, or None."""
-    found = checkpoints(root)
-    return found[-1] if found else None
-
-
-def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and unfinished ones, under `root`."""
-    for path in checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
-    for path in root.glob("step_*.tmp"):
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class _Pieces:

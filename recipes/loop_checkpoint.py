@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,31 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recipes.data_parallel import DataParallel
-from recipes.dist_checkpoint import latest, prune
+
+
+STEP_DIR = re.compile(r"^step_(\d{7})$")
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Return the complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "train_state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest(root: Path) -> Path | None:
+    """Return the newest complete checkpoint under `root`, or None."""
+    found = checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and unfinished ones, under `root`."""
+    for path in checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob("step_*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def python_rng_state(rng: random.Random) -> list:

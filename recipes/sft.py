@@ -186,7 +186,6 @@ def fine_tune(
         set_python_rng_state(rng, resumed["state"]["rng"])
         order, log, first = resumed["state"]["order"], resumed["state"]["log"], resumed["step"] + 1
         log["val"] = [tuple(v) for v in log["val"]]
-    trained = dp.wrap(model)
     model.train()
     bar = tqdm(range(first, cfg.max_steps + 1), desc=f"sft ({cfg.mode})", initial=first - 1, total=cfg.max_steps,
                disable=not dp.is_main)
@@ -203,10 +202,10 @@ def fine_tune(
         step_loss = 0.0
         for batch in micro:
             with autocast(device, cfg.bf16):
-                nll, _ = hf_lm.forward_nll(trained, batch)
-            # the step's mean over every labelled token of the global batch; x world size: DDP averages
-            (nll * dp.world_size / max(step_tokens, 1)).backward()
+                nll, _ = hf_lm.forward_nll(model, batch)
+            (nll / max(step_tokens, 1)).backward()  # the step's mean over every labelled token of the global batch
             step_loss += nll.item() / max(step_tokens, 1)
+        dp.reduce_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()

@@ -1,4 +1,4 @@
-"""The align stage: preference pairs (built and user files), TRL's DPO losses against hand computations,
+"""The align stage: preference pairs (built and user files), our DPO losses against TRL's and hand computations,
 the LoRA reference, learning, the stage run (dpo; tests/test_rlhf.py and test_steerlm.py run the others)."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment.dpo import held_out_scores, make_trainer
+from alignment.dpo import dpo_losses, log_ratios, train_dpo
+from alignment.policy import Reference, add_lora
 from alignment.preference_data import build_pairs, read_pairs, read_user_pairs
+from alignment.reward_model import encode_pairs
 from alignment.stages import AlignConfig
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
@@ -136,47 +138,62 @@ def hand_dpo_loss(loss_type: str, beta: float, chosen: torch.Tensor, rejected: t
     return (chosen / lengths[0] - rejected / lengths[1] - 1 / (2 * beta)) ** 2
 
 
+def trl_dpo_loss(policy, reference, tokenizer, pairs, cfg, work_dir) -> tuple[float, list]:
+    """Return (TRL's DPOTrainer loss on `pairs` in one batch, its tokenized features): the peer's figure."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=str(work_dir), beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length,
+                     bf16=False, fp16=False, activation_checkpointing=False, report_to="none",
+                     dataloader_pin_memory=False, save_strategy="no")
+    data = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    trainer = DPOTrainer(model=policy, ref_model=reference.requires_grad_(False).eval(), args=args,
+                         train_dataset=data, processing_class=tokenizer)
+    features = [trainer.train_dataset[i] for i in range(len(pairs))]
+    return trainer.compute_loss(trainer.model, trainer.data_collator(features)).item(), features
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
-def test_trl_dpo_losses_equal_hand_computation(tokenizer, docs, tmp_path, loss_type):
+def test_dpo_losses_equal_trl_and_hand_computation(tokenizer, docs, tmp_path, loss_type):
     pairs = build_pairs(docs[:40], 2, 0.0, "shuffled", 320)[:3]
     cfg = AlignConfig(beta=0.3, max_length=512, loss_type=loss_type)
     policy, reference = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
-    trainer = make_trainer(policy, reference, tokenizer, pairs, pairs[:1], cfg, 0, tmp_path / "trainer")
-    features = [trainer.train_dataset[i] for i in range(len(pairs))]
-    trl_loss = trainer.compute_loss(trainer.model, trainer.data_collator(features)).item()
+    with torch.no_grad():
+        ours = dpo_losses(*log_ratios(policy.eval(), Reference(policy, reference), encode_pairs(tokenizer, pairs, 512),
+                                      tokenizer.pad_token_id), cfg.beta, loss_type).mean().item()
+    trl_loss, features = trl_dpo_loss(policy, reference, tokenizer, pairs, cfg, tmp_path / "trl")
 
-    losses = []
-    for pair, feature in zip(pairs, features):
-        prompt = hf_lm.chat_ids(tokenizer, pair["prompt"], add_generation_prompt=True)
-        chosen = hf_lm.chat_ids(tokenizer, pair["prompt"] + pair["chosen"])
-        rejected = hf_lm.chat_ids(tokenizer, pair["prompt"] + pair["rejected"])
-        # TRL tokenizes the pairs as our chat encoding does.
-        assert feature["prompt_ids"] == prompt and prompt + feature["chosen_ids"] == chosen
-        chosen_ratio = sequence_logp(policy, prompt, chosen) - sequence_logp(reference, prompt, chosen)
-        rejected_ratio = sequence_logp(policy, prompt, rejected) - sequence_logp(reference, prompt, rejected)
-        lengths = (len(chosen) - len(prompt), len(rejected) - len(prompt))
-        losses.append(hand_dpo_loss(loss_type, cfg.beta, chosen_ratio, rejected_ratio, lengths))
-    hand_loss = torch.stack(losses).mean().item()
+    def hand_loss(template: bool) -> float:
+        """The papers' loss by hand over the chat template's answer tokens (TRL's) or up to its eos (ours)."""
+        losses = []
+        for pair, feature in zip(pairs, features):
+            prompt = hf_lm.chat_ids(tokenizer, pair["prompt"], add_generation_prompt=True)
+            chosen = hf_lm.chat_ids(tokenizer, pair["prompt"] + pair["chosen"])
+            rejected = hf_lm.chat_ids(tokenizer, pair["prompt"] + pair["rejected"])
+            assert feature["prompt_ids"] == prompt and prompt + feature["chosen_ids"] == chosen  # TRL: the template
+            if not template:  # ours: the answer as the model emits it, ending at eos (not the template's "\n" after)
+                chosen, rejected = (c[: c.index(tokenizer.eos_token_id, len(prompt)) + 1] for c in (chosen, rejected))
+            chosen_ratio = sequence_logp(policy, prompt, chosen) - sequence_logp(reference, prompt, chosen)
+            rejected_ratio = sequence_logp(policy, prompt, rejected) - sequence_logp(reference, prompt, rejected)
+            lengths = (len(chosen) - len(prompt), len(rejected) - len(prompt))
+            losses.append(hand_dpo_loss(loss_type, cfg.beta, chosen_ratio, rejected_ratio, lengths))
+        return torch.stack(losses).mean().item()
+
     untrained = hand_dpo_loss(loss_type, cfg.beta, torch.tensor(0.0), torch.tensor(0.0), (1, 1)).item()
-    assert abs(hand_loss - untrained) > 1e-3  # policy and reference differ, so the check is not vacuous
-    assert trl_loss == pytest.approx(hand_loss, rel=1e-5, abs=1e-5)
+    assert abs(hand_loss(False) - untrained) > 1e-3  # policy and reference differ, so the check is not vacuous
+    assert ours == pytest.approx(hand_loss(False), rel=1e-5, abs=1e-5)
+    assert trl_loss == pytest.approx(hand_loss(True), rel=1e-5, abs=1e-5)  # the peer computes the same formula
 
 
-def test_lora_dpo_reference_is_the_base_with_adapters_disabled(tokenizer, docs, tmp_path):
+def test_lora_dpo_reference_is_the_base_with_adapters_disabled(tokenizer, docs):
     train, val = split(build_pairs(docs[:300], 5, 0.2, "shuffled", 320))
     cfg = AlignConfig(max_steps=8, batch_size=4, learning_rate=5e-3, warmup_steps=1, max_length=128, lora=True)
     base = build_model(tokenizer)
     original = {n: p.clone() for n, p in base.state_dict().items()}
-    with pytest.raises(ValueError, match="reference model exactly when"):
-        make_trainer(base, build_model(tokenizer), tokenizer, train, val[:8], cfg, 0, tmp_path / "t")
-    trainer = make_trainer(base, None, tokenizer, train, val[:8], cfg, 0, tmp_path / "trainer")
-    assert trainer.ref_model is None  # no second copy of the model
-    before = held_out_scores(trainer)
-    assert before["loss"] == pytest.approx(0.6931, abs=1e-4)  # fresh adapter: policy == reference
-    trainer.train()
-    after = held_out_scores(trainer)
-    assert after["rewards/margins"] != 0.0
-    policy = trainer.model
+    policy = add_lora(base, cfg.lora_rank, cfg.lora_alpha)
+    metrics = train_dpo(policy, Reference(policy), tokenizer, train, val[:8], cfg, 0)
+    assert metrics["val_loss_before"] == pytest.approx(0.6931, abs=1e-4)  # fresh adapter: policy == reference
+    assert metrics["val_rewards_margins_after"] != 0.0 and metrics["steps"] == 8
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     with policy.disable_adapter():  # the reference: the untouched base weights
@@ -187,18 +204,15 @@ def test_lora_dpo_reference_is_the_base_with_adapters_disabled(tokenizer, docs, 
     assert not torch.allclose(policy(input_ids=ids).logits, untouched(input_ids=ids).logits, atol=1e-4)
 
 
-def test_planted_preference_is_learned(tokenizer, docs, tmp_path):
+def test_planted_preference_is_learned(tokenizer, docs):
     # Chosen: the real next sentence; rejected: its words shuffled. A tiny random model learns the order.
     train, val = split(build_pairs(docs[:600], 5, 0.2, "shuffled", 320))
     cfg = AlignConfig(max_steps=25, batch_size=4, learning_rate=5e-3, warmup_steps=2, max_length=128)
     model = build_model(tokenizer)
-    trainer = make_trainer(model, build_model(tokenizer), tokenizer, train, val[:32], cfg, 0, tmp_path / "trainer")
-    before = held_out_scores(trainer)
-    trainer.train()
-    after = held_out_scores(trainer)
-    assert before["rewards/accuracies"] == 0.0 and before["rewards/margins"] == 0.0  # policy == reference
-    assert after["rewards/accuracies"] >= 0.75 and after["rewards/margins"] > 0.2
-    assert after["loss"] < before["loss"]
+    m = train_dpo(model, Reference(model, build_model(tokenizer)), tokenizer, train, val[:32], cfg, 0)
+    assert m["val_rewards_accuracies_before"] == 0.0 and m["val_rewards_margins_before"] == 0.0  # policy == reference
+    assert m["val_rewards_accuracies_after"] >= 0.75 and m["val_rewards_margins_after"] > 0.2
+    assert m["val_loss_after"] < m["val_loss_before"]
 
 
 def stage_inputs(run_dir, configs, tokenizer, docs):
@@ -231,7 +245,7 @@ def test_align_stage_through_the_runner(tmp_path, tokenizer, docs):
     assert sum(p["split"] == "train" for p in pairs) == 32
     assert m["max_length"] == 64 and m["dropped_prompt_too_long"] > 0
     assert all(len(hf_lm.chat_ids(tokenizer, p["prompt"], add_generation_prompt=True)) <= 48 for p in pairs)
-    assert not (out / "trainer").exists()
+    assert not (out / "checkpoints").exists()  # deleted once hf/ is saved
 
     aligned = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
     sft = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "hf", dtype=torch.float32)
