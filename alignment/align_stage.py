@@ -60,6 +60,12 @@ class Aligned:
     metrics: dict
     outputs: dict[str, str] = dataclasses.field(default_factory=dict)  # role -> path under out_dir
     judged_prompt: dict | None = None  # steerlm: the attribute values requested when judged
+    log: list[dict] = dataclasses.field(default_factory=list)  # per-step records of its training phases
+
+
+def phase_log(phase: str, losses: list[float]) -> list[dict]:
+    """Return the train_log.jsonl records {"phase", "step", "loss"} of a phase's per-step losses."""
+    return [{"phase": phase, "step": step, "loss": loss} for step, loss in enumerate(losses, start=1)]
 
 
 def check_config(cfg: AlignConfig) -> None:
@@ -123,8 +129,9 @@ def save_hf(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedToke
 def fit_reward_model(
     sft_path: Path, tokenizer: PreTrainedTokenizerBase, train: list, val: list, cfg: AlignConfig, seed: int,
     checkpoints: LoopCheckpoints | None = None,
-) -> tuple[PreTrainedModel, dict]:
-    """Return (reward model trained on `train`, its figures: held-out accuracy and margin before/after, loss)."""
+) -> tuple[PreTrainedModel, dict, list[float]]:
+    """Return (reward model trained on `train`, its figures: held-out accuracy and margin before/after, loss;
+    its per-step losses)."""
     model = load_scoring_model(sft_path)
     max_length = hf_lm.context_length(model, cfg.max_length)
     train_ex, val_ex = encode_pairs(tokenizer, train, max_length), encode_pairs(tokenizer, val, max_length)
@@ -142,7 +149,7 @@ def fit_reward_model(
         "rm_train_loss_end": round(sum(tail) / len(tail), 4) if tail else None,
         "rm_steps": len(losses),
         "rm_train_time_s": round(time.time() - started, 2),
-    }
+    }, losses
 
 
 def policy_and_reference(sft_path: Path, cfg: AlignConfig) -> tuple[PreTrainedModel, Reference]:
@@ -172,8 +179,8 @@ def align_dpo(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, train: list
     """DPO (reference: a frozen copy, or the LoRA policy with adapters disabled)."""
     cfg: AlignConfig = ctx.config
     policy, reference = policy_and_reference(ctx.input_path("sft", "hf"), cfg)
-    metrics = train_dpo(policy, reference, tokenizer, train, val, cfg, ctx.seed, phase_checkpoints(ctx, "dpo"))
-    return Aligned(policy, reference, metrics)
+    metrics, losses = train_dpo(policy, reference, tokenizer, train, val, cfg, ctx.seed, phase_checkpoints(ctx, "dpo"))
+    return Aligned(policy, reference, metrics, log=phase_log("dpo", losses))
 
 
 def align_rl(
@@ -188,7 +195,7 @@ def align_rl(
     rl_cfg = dataclasses.replace(cfg, max_new_tokens=new_tokens)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     started = time.time()
-    outputs = {"train_log": "train_log.jsonl"}
+    outputs = {}
     checkpoints = phase_checkpoints(ctx, cfg.method)
     if cfg.method == "ppo":
         critic = load_scoring_model(ctx.out_dir / "reward_model")
@@ -197,15 +204,14 @@ def align_rl(
         outputs["critic"] = "critic"
     else:
         log = train_grpo(policy, reference, reward, prompts, rl_cfg, eos, pad, ctx.seed, checkpoints)
-    if ctx.is_main:
-        write_jsonl(ctx.out_dir / "train_log.jsonl", log)
     metrics = {
         "rl_reward_source": cfg.reward_fn or "reward_model",
         "steps": len(log),
         **rl_summary(log),
         "train_time_s": round(time.time() - started, 2),
     }
-    return Aligned(policy, reference, metrics, outputs)
+    records = [{"phase": cfg.method, "step": entry["iteration"] + 1, **entry} for entry in log]
+    return Aligned(policy, reference, metrics, outputs, log=records)
 
 
 def align_steerlm(
@@ -226,7 +232,7 @@ def align_steerlm(
     val_items = steerlm.with_verbosity(steerlm.labelled_answers(val), edges)
     started = time.time()
     attribute_model = load_scoring_model(sft_path, num_labels=len(steerlm.ATTRIBUTES))
-    steerlm.train_attribute_model(
+    attribute_losses = steerlm.train_attribute_model(
         attribute_model, tokenizer, train_items, max_length, cfg.attribute_steps, cfg.batch_size,
         cfg.rm_learning_rate, ctx.seed, phase_checkpoints(ctx, "attribute_model"),
     )
@@ -246,6 +252,7 @@ def align_steerlm(
     )
     if not ctx.is_main:  # rank 0 measures the steering, judges and saves
         return Aligned(policy, reference, {})
+    log = phase_log("attribute_model", attribute_losses) + phase_log("steerlm_sft", losses)
     words = steerlm.steered_word_counts(policy, tokenizer, judged, cfg.steer_helpfulness, new_tokens)
     accuracy = steerlm.attribute_accuracy(val_predicted, val_items)
     metrics = {
@@ -260,7 +267,7 @@ def align_steerlm(
         "train_time_s": round(time.time() - started, 2),
     }
     judged_prompt = {"helpfulness": cfg.steer_helpfulness, "verbosity": cfg.steer_verbosity}
-    return Aligned(policy, reference, metrics, {"attribute_model": "attribute_model"}, judged_prompt)
+    return Aligned(policy, reference, metrics, {"attribute_model": "attribute_model"}, judged_prompt, log)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -279,7 +286,7 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.is_main:
         write_jsonl(ctx.out_dir / "pairs.jsonl", train + val)  # exactly what is used
 
-    reward_model, rm_metrics = fit_reward_model(sft_path, tokenizer, train, val, cfg, ctx.seed,
+    reward_model, rm_metrics, rm_losses = fit_reward_model(sft_path, tokenizer, train, val, cfg, ctx.seed,
                                                 phase_checkpoints(ctx, "reward_model"))
     save_hf(ctx, reward_model, tokenizer, "reward_model")
 
@@ -304,7 +311,9 @@ def run(ctx: StageContext) -> StageResult:
         ctx.seed,
     )
 
-    outputs = {"hf": "hf", "pairs": "pairs.jsonl", "reward_model": "reward_model", **aligned.outputs}
+    write_jsonl(ctx.out_dir / "train_log.jsonl", phase_log("reward_model", rm_losses) + aligned.log)
+    outputs = {"hf": "hf", "pairs": "pairs.jsonl", "reward_model": "reward_model", "train_log": "train_log.jsonl",
+               **aligned.outputs}
     policy = aligned.policy
     if hasattr(policy, "merge_and_unload"):  # a LoRA policy: keep the adapter, save the merged model
         policy.save_pretrained(ctx.out_dir / "adapter")

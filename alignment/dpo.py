@@ -99,11 +99,12 @@ def train_dpo(
     cfg: AlignConfig,
     seed: int,
     checkpoints: LoopCheckpoints | None = None,
-) -> dict:
-    """DPO-train `policy` (all weights, or its LoRA adapter) against `reference` for cfg.max_steps; return figures.
+) -> tuple[dict, list[float]]:
+    """DPO-train `policy` (all weights, or its LoRA adapter) against `reference` for cfg.max_steps.
 
-    Figures: held-out figures before and after (val_<key>_before/after), the
-    mean training loss of the last (up to) 10 steps, steps, train time.
+    Returns (figures, each step's loss). Figures: held-out figures before and
+    after (val_<key>_before/after), the mean training loss of the last (up to)
+    10 steps, steps, train time.
     """
     check_loss_type(cfg.loss_type)
     max_length = hf_lm.context_length(policy, cfg.max_length)
@@ -128,4 +129,4 @@ def train_dpo(
         **{f"val_{k.replace('/', '_')}_after": v for k, v in after.items()},
         "train_loss_end": round(sum(tail) / len(tail), 5) if tail else None,
         "train_time_s": round(train_time, 2),
-    }
+    }, losses

@@ -191,7 +191,7 @@ def test_lora_dpo_reference_is_the_base_with_adapters_disabled(tokenizer, docs):
     base = build_model(tokenizer)
     original = {n: p.clone() for n, p in base.state_dict().items()}
     policy = add_lora(base, cfg.lora_rank, cfg.lora_alpha)
-    metrics = train_dpo(policy, Reference(policy), tokenizer, train, val[:8], cfg, 0)
+    metrics, _ = train_dpo(policy, Reference(policy), tokenizer, train, val[:8], cfg, 0)
     assert metrics["val_loss_before"] == pytest.approx(0.6931, abs=1e-4)  # fresh adapter: policy == reference
     assert metrics["val_rewards_margins_after"] != 0.0 and metrics["steps"] == 8
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
@@ -209,7 +209,7 @@ def test_planted_preference_is_learned(tokenizer, docs):
     train, val = split(build_pairs(docs[:600], 5, 0.2, "shuffled", 320))
     cfg = AlignConfig(max_steps=25, batch_size=4, learning_rate=5e-3, warmup_steps=2, max_length=128)
     model = build_model(tokenizer)
-    m = train_dpo(model, Reference(model, build_model(tokenizer)), tokenizer, train, val[:32], cfg, 0)
+    m, _ = train_dpo(model, Reference(model, build_model(tokenizer)), tokenizer, train, val[:32], cfg, 0)
     assert m["val_rewards_accuracies_before"] == 0.0 and m["val_rewards_margins_before"] == 0.0  # policy == reference
     assert m["val_rewards_accuracies_after"] >= 0.75 and m["val_rewards_margins_after"] > 0.2
     assert m["val_loss_after"] < m["val_loss_before"]
@@ -230,7 +230,7 @@ def test_align_stage_through_the_runner(tmp_path, tokenizer, docs):
     manifest = execute_stage(str(run_dir), "align", configs_to_json(configs))
 
     out = run_dir / "align"
-    assert set(manifest["outputs"]) == {"hf", "pairs", "reward_model"}
+    assert set(manifest["outputs"]) == {"hf", "pairs", "reward_model", "train_log"}
     m = manifest["metrics"]
     assert m["method"] == "dpo" and m["rm_steps"] == 20 and 0.0 <= m["rm_val_accuracy"] <= 1.0
     assert m["judge_prompts"] == min(8, m["val_pairs"]) and 0.0 <= m["win_rate_vs_sft"] <= 1.0
@@ -270,7 +270,7 @@ def test_lora_dpo_on_user_pairs_through_the_runner(tmp_path, tokenizer, docs):
     manifest = execute_stage(str(run_dir), "align", configs_to_json(configs))
 
     out, m = run_dir / "align", manifest["metrics"]
-    assert set(manifest["outputs"]) == {"hf", "pairs", "reward_model", "adapter"}
+    assert set(manifest["outputs"]) == {"hf", "pairs", "reward_model", "adapter", "train_log"}
     assert m["lora"] and m["pairs_built"] == len(pairs) and m["val_loss_before"] == pytest.approx(0.6931, abs=1e-4)
     used = read_pairs(out / "pairs.jsonl")
     assert {p["chosen"][0]["content"] for p in used} <= {p["chosen"][0]["content"] for p in pairs}

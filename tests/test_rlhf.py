@@ -248,6 +248,8 @@ def test_rl_methods_through_the_runner(tmp_path, tokenizer, docs, method):
     assert m["method"] == method and m["steps"] == 3 and m["rl_reward_source"] == "reward_model"
     assert m["rl_kl_first"] == 0.0 and {"win_rate_vs_sft", "judge_score_aligned", "kl_from_reference"} <= set(m)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {e["phase"] for e in log} == {"reward_model", method}
+    log = [e for e in log if e["phase"] == method]
     assert [e["iteration"] for e in log] == [0, 1, 2] and all("entropy" in e and "kl" in e for e in log)
     if method == "ppo":
         assert all("value_loss" in e for e in log)

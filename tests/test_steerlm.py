@@ -111,7 +111,7 @@ def test_steerlm_through_the_runner(tmp_path, tokenizer, docs):
     manifest = execute_stage(str(run_dir), "align", configs_to_json(configs))
 
     out, m = run_dir / "align", manifest["metrics"]
-    assert set(manifest["outputs"]) == {"hf", "pairs", "reward_model", "attribute_model"}
+    assert set(manifest["outputs"]) == {"hf", "pairs", "reward_model", "attribute_model", "train_log"}
     assert m["method"] == "steerlm" and m["steps"] == 10 and m["steer_labels"] == "model"
     assert len(m["steer_words_by_verbosity"]) == 5 and len(m["verbosity_edges_words"]) == 4
     assert 0.0 <= m["attribute_val_verbosity_accuracy"] <= 1.0 and "win_rate_vs_sft" in m
