@@ -230,8 +230,10 @@ def cmd_run(args: argparse.Namespace, target: str | None = None, chain: str = DE
         names = ["curate"]
     profile = load_profile(args.cluster_profile, args.cluster) if args.executor == "slurm" else None
     nproc = args.nproc_per_node or _saved_world_size(run_dir)
-    if set_world_size(configs, names, args.executor, profile, nproc) > 1:
-        overrides.append(f"world_size={configs['run'].world_size}")  # `aigc status` plans with it too
+    if set_world_size(configs, names, args.executor, profile, nproc) > 1:  # `aigc status` plans with it too
+        overrides.append(f"world_size={configs['run'].world_size}")
+    if configs["run"].stage_ranks:
+        overrides.append("stage_ranks=" + json.dumps(list(configs["run"].stage_ranks)))
     plan = make_plan(run_dir, configs, names)
     if output_dir:
         plan[0].cached = stage_state(Path(output_dir), plan[0].fingerprint)[0] == "completed"
@@ -292,7 +294,7 @@ def _print_stage_plans(plan: list, configs: dict[str, Any], executor: str) -> No
         describe = get_stage(item.name).load_dry_run()
         if item.cached or describe is None:
             continue
-        world = configs["run"].world_size if get_stage(item.name).multi_rank else 1
+        world = configs["run"].ranks_of(item.name, get_stage(item.name).multi_rank)
         try:
             console.print(describe(configs[item.name], world, executor))
         except ValueError as exc:  # a layout the stage would refuse: say why now

@@ -25,7 +25,16 @@ class RunConfig:
 
     threads: int = 1  # torch intra-op threads (per rank); 1 is fastest on shared 2-core machines
     seed: int = 1234
-    world_size: int = 1  # ranks of the multi-rank stages (pretrain); set by --nproc-per-node or the cluster profile
+    world_size: int = 1  # ranks of the multi-rank stages (pretrain, sft, align); set by --nproc-per-node
+    stage_ranks: tuple[str, ...] = ()  # "stage=N": ranks of one multi-rank stage (set from the cluster profile)
+
+    def ranks_of(self, name: str, multi_rank: bool) -> int:
+        """Return the processes stage `name` is planned as: 1 for a one-process stage, else its stage_ranks
+        entry, else world_size."""
+        if not multi_rank:
+            return 1
+        sizes = dict(entry.split("=", 1) for entry in self.stage_ranks)
+        return int(sizes.get(name, self.world_size))
 
 
 def _parse_value(text: str, typ: Any, key: str) -> Any:

@@ -2,7 +2,7 @@
 
 The executor is chosen here, at launch, from its name; recipes never name one.
 `local` runs the stages one after another on this machine; with
-`nproc_per_node` N > 1 the multi-rank stages (`Stage.multi_rank`: pretrain)
+`nproc_per_node` N > 1 the multi-rank stages (`Stage.multi_rank`: pretrain, sft, align)
 run as N torchrun ranks here (rendezvous on localhost, a free port; gloo on
 CPU), the others as one process. `slurm` submits
 every stage at once, each as its own job with the resources its cluster
@@ -65,22 +65,20 @@ def _use_nemo_run_home(run_dir: Path) -> None:
 
 def set_world_size(configs: dict[str, Any], names: list[str], executor: str, profile: ClusterProfile | None,
                    nproc_per_node: int) -> int:
-    """Set and return `configs["run"].world_size`: the ranks the multi-rank stages of `names` (and upstream) run as.
+    """Set the ranks the multi-rank stages of `names` (and upstream) run as; return the largest.
 
-    local: `nproc_per_node`; slurm: the processes the cluster profile gives
-    their jobs (one number for all of them).
+    local: `configs["run"].world_size` = `nproc_per_node` for all of them;
+    slurm: `configs["run"].stage_ranks` = each one's processes from the cluster
+    profile (nodes x GPUs or tasks per node), which may differ per stage.
     """
     multi = [n for n in upstream_closure(names) if get_stage(n).multi_rank]
     if executor == "slurm" and profile is not None:
-        sizes = {slurm_processes(profile, n) for n in multi} or {1}
-        if len(sizes) > 1:
-            raise ConfigError(f"the multi-rank stages {multi} get different process counts {sorted(sizes)} from "
-                              f"cluster {profile.name!r}: give them the same nodes x tasks")
-        (size,) = sizes
-    else:
-        size = nproc_per_node
-    configs["run"].world_size = size
-    return size
+        sizes = {n: slurm_processes(profile, n) for n in multi}
+        configs["run"].world_size = 1
+        configs["run"].stage_ranks = tuple(f"{n}={size}" for n, size in sizes.items() if size > 1)
+        return max(sizes.values(), default=1)
+    configs["run"].world_size = nproc_per_node
+    return nproc_per_node
 
 
 def slurm_processes(profile: ClusterProfile, name: str) -> int:

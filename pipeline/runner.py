@@ -74,8 +74,9 @@ def stage_fingerprint(name: str, configs: dict[str, Any], input_fps: dict[str, s
         "code": mf.code_hash(code_pkgs, REPO_ROOT),
         "files": mf.external_files_stamp(external),
     }
-    if stage.multi_rank and configs["run"].world_size > 1:
-        parts["world_size"] = configs["run"].world_size
+    world = configs["run"].ranks_of(name, stage.multi_rank)
+    if world > 1:
+        parts["world_size"] = world
     return mf.fingerprint(parts)
 
 
@@ -253,7 +254,7 @@ def execute_stage(run_dir: str, name: str, configs_json: str, output_dir: str = 
     (item,) = make_plan(run_path, configs, [name])
     final = Path(output_dir).resolve() if output_dir else stage_dir(run_path, name)
     ranks = rk.ranks_from_env()
-    planned = configs["run"].world_size if get_stage(name).multi_rank else 1
+    planned = configs["run"].ranks_of(name, get_stage(name).multi_rank)
     if ranks.world_size == planned == 1:
         return _execute_alone(run_path, name, item, final, configs)
     if get_stage(name).multi_rank and ranks.world_size != planned:

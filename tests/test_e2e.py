@@ -59,6 +59,18 @@ def test_smoke_chain_runs_to_a_triton_answer_then_is_fully_cached(tmp_path):
     assert all(p.cached for p in make_plan(run_dir, resolve_configs("smoke")))
 
 
+def test_chain_on_two_ranks_per_node_runs_to_a_triton_answer(tmp_path):
+    run_dir = tmp_path / "run"
+    result = aigc("run", "--config", "smoke", "--run-dir", str(run_dir), "--nproc-per-node", "2")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    worlds = {name: json.loads((run_dir / name / "manifest.json").read_text())["world_size"] for name in LLM_CHAIN}
+    assert worlds == {name: 2 if name in ("pretrain", "sft", "align") else 1 for name in LLM_CHAIN}
+    answer = json.loads((run_dir / "serve" / "manifest.json").read_text())["metrics"]["answer"]
+    assert isinstance(answer, str) and answer.strip() and "Triton answered" in result.stdout
+    status = aigc("status", "--run-dir", str(run_dir))  # plans with the saved world size: all completed
+    assert status.returncode == 0 and status.stdout.count("completed") == len(LLM_CHAIN), status.stdout
+
+
 def test_curate_command_on_user_files(tmp_path):
     shipped = Path(__file__).parent.parent / "curation" / "data" / "pydoc_topics.jsonl"
     lines = shipped.read_text().splitlines()[:30]
