@@ -30,6 +30,7 @@ from alignment.policy import Reference, response_logprobs
 from alignment.reward_model import encode_pairs, pair_rollout, train_loop
 from alignment.stages import AlignConfig
 from recipes import hf_lm
+from recipes.data_parallel import DataParallel
 from recipes.loop_checkpoint import LoopCheckpoints
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -112,7 +113,12 @@ def train_dpo(
     pad_id = tokenizer.pad_token_id
     before = held_out_scores(policy, reference, val_ex, pad_id, cfg)
 
+    tokens = 0  # this rank's prompt + answer tokens trained on
+
     def batch_loss(rows: list[int]) -> tuple[torch.Tensor, float]:
+        nonlocal tokens
+        tokens += sum(2 * len(train_ex[i]["prompt"]) + len(train_ex[i]["chosen"]) + len(train_ex[i]["rejected"])
+                      for i in rows)
         chosen, rejected, lengths = log_ratios(policy, reference, [train_ex[i] for i in rows], pad_id)
         return dpo_losses(chosen, rejected, lengths, cfg.beta, cfg.loss_type).sum(), len(rows)
 
@@ -120,6 +126,7 @@ def train_dpo(
     losses = train_loop(policy, batch_loss, len(train_ex), cfg.max_steps, cfg.batch_size, cfg.learning_rate, seed,
                         f"dpo ({cfg.loss_type})", checkpoints, cfg.warmup_steps)
     train_time = time.time() - started
+    tokens = int(DataParallel.current().sum(tokens))
     after = held_out_scores(policy, reference, val_ex, pad_id, cfg)
     tail = losses[-10:]
     return {
@@ -129,4 +136,6 @@ def train_dpo(
         **{f"val_{k.replace('/', '_')}_after": v for k, v in after.items()},
         "train_loss_end": round(sum(tail) / len(tail), 5) if tail else None,
         "train_time_s": round(train_time, 2),
+        "train_tokens": tokens,  # chosen and rejected rows, all ranks, in the steps this run made
+        "tokens_per_s": round(tokens / max(train_time, 1e-9), 1),
     }, losses

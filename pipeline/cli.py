@@ -60,10 +60,11 @@ def add_run_options(p: argparse.ArgumentParser, run_dir: str | None = None) -> N
     p.add_argument("--cluster-profile", default=None, metavar="PATH",
                    help=f"cluster profile file (slurm; default: {DEFAULT_PROFILE_PATH})")
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
-                   help="local executor: run the multi-rank stage (pretrain) as N torchrun ranks on this machine "
-                   "(gloo on CPU, one torch thread per rank unless threads=K); default: what the last `aigc run` "
-                   "in this run dir used, else 1 (the world size is part of pretrain's fingerprint). On Slurm "
-                   "the cluster profile's nodes x gpus_per_node / ntasks_per_node decide")
+                   help="local executor: run the multi-rank stages (pretrain, sft, align) as N torchrun ranks on "
+                   "this machine (gloo on CPU, one torch thread per rank unless threads=K; stage_ranks=pretrain=1 "
+                   "keeps one stage at its own count); default: what the last `aigc run` in this run dir used, "
+                   "else 1 (the world size is part of those stages' fingerprints). On Slurm the cluster profile's "
+                   "nodes x gpus_per_node / ntasks_per_node of each stage decide")
     p.add_argument("--detach", action="store_true",
                    help="slurm: return once the jobs are submitted; follow them with `aigc status`")
     p.add_argument("--dry-run", action="store_true",

@@ -26,7 +26,8 @@ class RunConfig:
     threads: int = 1  # torch intra-op threads (per rank); 1 is fastest on shared 2-core machines
     seed: int = 1234
     world_size: int = 1  # ranks of the multi-rank stages (pretrain, sft, align); set by --nproc-per-node
-    stage_ranks: tuple[str, ...] = ()  # "stage=N": ranks of one multi-rank stage (set from the cluster profile)
+    stage_ranks: tuple[str, ...] = ()  # "stage=N": ranks of one multi-rank stage (from the cluster profile, or
+    # given, e.g. stage_ranks=pretrain=1 with --nproc-per-node 2: keep the one-rank pretrain, sft/align on 2)
 
     def ranks_of(self, name: str, multi_rank: bool) -> int:
         """Return the processes stage `name` is planned as: 1 for a one-process stage, else its stage_ranks

@@ -112,8 +112,8 @@ def _build_experiment(exp: Any, run_dir: Path, configs: dict[str, Any], names: l
     blob = configs_to_json(configs)
     for name in names:
         partial = run.Partial(task, run_dir=str(run_dir), name=name, configs_json=blob, output_dir=output_dir)
-        exp.add(partial, executor=make_executor(executor, name, profile, env, nproc_per_node), name=name,
-                tail_logs=True)
+        ranks = configs["run"].ranks_of(name, get_stage(name).multi_rank) if executor == "local" else nproc_per_node
+        exp.add(partial, executor=make_executor(executor, name, profile, env, ranks), name=name, tail_logs=True)
 
 
 def _record_jobs(exp: Any, run_dir: Path, plan: dict[str, Any], executor: str,

@@ -178,7 +178,7 @@ def fine_tune(
     )
     rng = random.Random(seed)
     order: list[int] = []
-    log: dict = {"train": [], "val": [], "seconds": 0.0}
+    log: dict = {"train": [], "val": [], "seconds": 0.0, "tokens": 0}
     checkpoints = checkpoints or LoopCheckpoints(None, 0, dp=dp)
     resumed = checkpoints.restore({"model": model}, {"adamw": optimizer}, {"lr": schedule})
     first = 1
@@ -196,6 +196,7 @@ def fine_tune(
             if len(order) < cfg.batch_size:
                 order += rng.sample(range(len(rows)), len(rows))
             picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
+            log["tokens"] += sum(len(rows[i]["input_ids"]) for i in picked)  # the global batch's, every rank
             micro.append(hf_lm.collate_rows([rows[i] for i in dp.share(picked)], pad_id))
         step_tokens = dp.sum(sum(int((b["labels"][:, 1:] != hf_lm.IGNORE).sum()) for b in micro))
         optimizer.zero_grad(set_to_none=True)
@@ -327,6 +328,8 @@ def run(ctx: StageContext) -> StageResult:
         "global_batch_rows": cfg.batch_size * cfg.grad_accum_steps,
         "resumed_from_step": checkpoints_step,
         "step_time_s": round(log["step_time_s"], 4),
+        "train_tokens": log["tokens"],  # tokens of the rows trained on (all ranks), in the steps this run made
+        "tokens_per_s": round(log["tokens"] / max(log["seconds"], 1e-9), 1),
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.time() - started, 2),
     }
