@@ -24,7 +24,7 @@ from pipeline import cli, jobs
 from pipeline import stage as registry
 from pipeline.clusters import load_profile, parse_profile
 from pipeline.config import ConfigError
-from pipeline.execution import run_stages, sbatch_scripts
+from pipeline.execution import run_stages, sbatch_scripts, set_world_size
 from pipeline.presets import resolve_configs
 from pipeline.runner import execute_stage, configs_to_json, make_plan
 
@@ -292,9 +292,19 @@ def test_pretrain_stage_runs_as_two_tensor_parallel_ranks_of_one_job(slurm_clust
 
 
 def test_one_process_stage_is_refused_more_processes(tmp_path):
-    profile = parse_profile("c", {"account": "a", "stages": {"sft": {"gpus_per_node": 8, "launcher": "torchrun"}}})
-    with pytest.raises(ConfigError, match="'sft' runs as one process"):
-        run_stages(tmp_path, resolve_configs("smoke"), ["sft"], executor="slurm", profile=profile)
+    profile = parse_profile("c", {"account": "a", "stages": {"evaluate": {"gpus_per_node": 8, "launcher": "torchrun"}}})
+    with pytest.raises(ConfigError, match="'evaluate' runs as one process"):
+        run_stages(tmp_path, resolve_configs("smoke"), ["evaluate"], executor="slurm", profile=profile)
+
+
+def test_multi_rank_stages_get_their_own_ranks_from_the_cluster_profile():
+    profile = parse_profile("c", {"account": "a", "stages": {"pretrain": {"nodes": 2, "gpus_per_node": 8},
+                                                               "sft": {"gpus_per_node": 4}}})
+    configs = resolve_configs("smoke")
+    assert set_world_size(configs, ["align"], "slurm", profile, 1) == 16
+    assert configs["run"].stage_ranks == ("pretrain=16", "sft=4")  # align: one GPU, one process
+    assert [configs["run"].ranks_of(n, True) for n in ("pretrain", "sft", "align")] == [16, 4, 1]
+    assert configs["run"].ranks_of("evaluate", False) == 1
 
 
 @pytest.mark.slurm
