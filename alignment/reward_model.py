@@ -19,7 +19,6 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.policy import Rollout, answer_ids, device, last_token_scores, pack, prompt_ids
-from recipes.data_parallel import DataParallel
 from recipes.loop_checkpoint import LoopCheckpoints, python_rng_state, set_python_rng_state
 
 
@@ -91,7 +90,8 @@ def train_loop(
     it saves periodically and resumes from the newest (a finished loop restores
     as finished and trains nothing).
     """
-    dp = checkpoints.dp if checkpoints else DataParallel.current()
+    checkpoints = checkpoints or LoopCheckpoints(None, 0)  # off: the default process group's world
+    dp = checkpoints.dp
     dp.check_divides(batch_size, desc.replace(" ", "_") + " batch_size")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -102,7 +102,6 @@ def train_loop(
     rng = random.Random(seed)
     order: list[int] = []
     losses: list[float] = []
-    checkpoints = checkpoints or LoopCheckpoints(None, 0, dp=dp)
     resumed = checkpoints.restore({"model": model}, {"adamw": optimizer}, {"lr": schedule})
     if resumed:
         set_python_rng_state(rng, resumed["state"]["rng"])

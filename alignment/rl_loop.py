@@ -22,7 +22,6 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from alignment.policy import Rollout, sample_sharded
-from recipes.data_parallel import DataParallel
 from recipes.loop_checkpoint import LoopCheckpoints, python_rng_state, set_python_rng_state
 
 
@@ -35,8 +34,8 @@ class RLLoop:
     """The iteration bookkeeping of an RL loop: RNG, log, data-parallel world, checkpoints."""
 
     def __init__(self, checkpoints: LoopCheckpoints | None, seed: int):
-        self.dp = checkpoints.dp if checkpoints else DataParallel.current()
-        self.checkpoints = checkpoints or LoopCheckpoints(None, 0, dp=self.dp)
+        self.checkpoints = checkpoints or LoopCheckpoints(None, 0)  # off: the default process group's world
+        self.dp = self.checkpoints.dp
         self.seed = seed
         self.rng = random.Random(seed)
         self.log: list[dict] = []

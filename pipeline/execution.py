@@ -105,14 +105,14 @@ def _check_launchers(configs: dict[str, Any], names: list[str], profile: Cluster
 
 def _build_experiment(exp: Any, run_dir: Path, configs: dict[str, Any], names: list[str], executor: str,
                       profile: ClusterProfile | None, output_dir: str, task: Callable,
-                      env: dict[str, str] | None, nproc_per_node: int = 1) -> None:
-    """Add one task per stage to the experiment `exp`."""
+                      env: dict[str, str] | None) -> None:
+    """Add one task per stage to the experiment `exp`, each launched as the ranks it is planned for."""
     import nemo_run as run
 
     blob = configs_to_json(configs)
     for name in names:
         partial = run.Partial(task, run_dir=str(run_dir), name=name, configs_json=blob, output_dir=output_dir)
-        ranks = configs["run"].ranks_of(name, get_stage(name).multi_rank) if executor == "local" else nproc_per_node
+        ranks = configs["run"].ranks_of(name, get_stage(name).multi_rank)  # local only: Slurm's come from the profile
         exp.add(partial, executor=make_executor(executor, name, profile, env, ranks), name=name, tail_logs=True)
 
 
@@ -176,8 +176,7 @@ def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executo
             raise ConfigError(f"already submitted and not finished: {listed}; wait, or `aigc cancel`")
     final_dirs = {n: Path(output_dir).resolve() if output_dir else stage_dir(run_dir, n) for n in names}
     with run.Experiment("aigc", log_level="WARN", enable_goodbye_message=False) as exp:
-        _build_experiment(exp, run_dir, configs, names, executor, profile, output_dir, task or stage_task, env,
-                          nproc_per_node)
+        _build_experiment(exp, run_dir, configs, names, executor, profile, output_dir, task or stage_task, env)
         try:
             exp.run(sequential=True, detach=detach and executor == "slurm", tail_logs=True)
         except UnexpectedExit as exc:  # sbatch refused a job: say why, without the traceback

@@ -73,7 +73,7 @@ class DataParallel:
         torch.distributed.all_reduce(flat)
         offset = 0
         for p, g in zip(params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            p.grad = flat[offset : offset + g.numel()].view_as(g)  # views of the one reduced buffer
             offset += g.numel()
 
     def sum(self, value: float) -> float:

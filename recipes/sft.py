@@ -167,7 +167,8 @@ def fine_tune(
     every micro-batch. With `checkpoints`, the loop saves periodically and
     resumes from the newest checkpoint where there is one.
     """
-    dp = checkpoints.dp if checkpoints else DataParallel.current()
+    checkpoints = checkpoints or LoopCheckpoints(None, 0)  # off: the default process group's world
+    dp = checkpoints.dp
     dp.check_divides(cfg.batch_size, "sft.batch_size")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -179,7 +180,6 @@ def fine_tune(
     rng = random.Random(seed)
     order: list[int] = []
     log: dict = {"train": [], "val": [], "seconds": 0.0, "tokens": 0}
-    checkpoints = checkpoints or LoopCheckpoints(None, 0, dp=dp)
     resumed = checkpoints.restore({"model": model}, {"adamw": optimizer}, {"lr": schedule})
     first = 1
     if resumed:

@@ -10,16 +10,13 @@ from its newest checkpoint and ends with the uninterrupted run's figures.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.execution import run_stages, set_world_size
 from pipeline.presets import resolve_configs
-from test_dp_sft import REPO, kill_tree
+from test_dp_sft import kill_when_written
 from tiny_lm import build_model, build_tokenizer, doc_paragraphs, save_hf, write_corpus, write_upstream
 
 pytestmark = pytest.mark.slow
@@ -108,14 +105,7 @@ def test_sigkill_mid_training_resumes_to_the_uninterrupted_result(tmp_path, toke
     run_dir = make_run_dir(tmp_path / "run", tokenizer, method, nproc)
     script = ("import sys; sys.path.insert(0, 'tests'); from test_dp_align import align; "
               f"align(__import__('pathlib').Path({str(run_dir)!r}), {method!r}, {nproc})")
-    job = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run_dir / "align.tmp" / "checkpoints" / PHASE[method]
-    deadline = time.time() + 300
-    while not (ckpt / "step_0000002").is_dir() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.02)
-    assert job.poll() is None, "the stage ended before it could be killed"
-    kill_tree(job)
+    kill_when_written(script, run_dir / "align.tmp" / "checkpoints" / PHASE[method] / "step_0000002")
     assert not (run_dir / "align" / "manifest.json").exists()
 
     manifest = align(run_dir, method, nproc)  # the same command again

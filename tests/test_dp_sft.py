@@ -104,19 +104,27 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def kill_when_written(script: str, marker: Path) -> None:
+    """Run `script` (python -c, in the repo) and SIGKILL it with its children as soon as `marker` exists.
+
+    Fails where the script ends first (it was never killed mid-stage).
+    """
+    job = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.is_dir() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.02)
+    assert job.poll() is None, "the stage ended before it could be killed"
+    kill_tree(job)
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigkill_mid_stage_resumes_to_the_uninterrupted_result(tmp_path, tokenizer, one_rank, two_ranks, nproc):
     run_dir = make_run_dir(tmp_path / "run", tokenizer, nproc)
     script = ("import sys; sys.path.insert(0, 'tests'); from test_dp_sft import sft; "
               f"sft(__import__('pathlib').Path({str(run_dir)!r}), {nproc})")
-    job = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = run_dir / "sft.tmp" / "checkpoints"
-    deadline = time.time() + 300
-    while not (ckpt / "step_0000006").is_dir() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.02)
-    assert job.poll() is None, "the stage ended before it could be killed"
-    kill_tree(job)
+    kill_when_written(script, ckpt / "step_0000006")
     assert not (run_dir / "sft" / "manifest.json").exists()
     survivors = [p for p in ckpt.iterdir() if p.name.startswith("step_") and not p.name.endswith(".tmp")]
     assert survivors and all((p / "train_state.json").is_file() for p in survivors)  # only complete ones visible
