@@ -38,8 +38,11 @@ from alignment.judge import judge
 from alignment.policy import Reference, add_lora, load_policy, prompt_ids
 from alignment.ppo import train_ppo
 from alignment.preference_data import build_pairs, read_user_pairs
-from alignment.reward_model import encode_pairs, load_scoring_model, pairwise_accuracy, train_reward_model
+from alignment.reward_model import (
+    LoopSettings, encode_pairs, load_scoring_model, pairwise_accuracy, train_reward_model,
+)
 from alignment.rewards import RewardFn, function_reward, import_function, model_reward
+from alignment.rl_loop import RLTask
 from alignment.stages import AlignConfig
 from curation.corpus import read_corpus
 from pipeline.stage import StageContext, StageResult
@@ -138,8 +141,8 @@ def fit_reward_model(
     pad_id = tokenizer.pad_token_id
     before = pairwise_accuracy(model, val_ex, pad_id, cfg.batch_size)
     started = time.time()
-    losses = train_reward_model(model, train_ex, pad_id, cfg.rm_steps, cfg.batch_size, cfg.rm_learning_rate, seed,
-                                checkpoints)
+    losses = train_reward_model(model, train_ex, pad_id,
+                                LoopSettings(cfg.rm_steps, cfg.batch_size, cfg.rm_learning_rate, seed, checkpoints))
     after = pairwise_accuracy(model, val_ex, pad_id, cfg.batch_size)
     tail = losses[-10:]
     return model, {
@@ -191,19 +194,19 @@ def align_rl(
     sft_path = ctx.input_path("sft", "hf")
     policy, reference = policy_and_reference(sft_path, cfg)
     reward = rl_reward(cfg, reward_model, tokenizer)
-    prompts = [prompt_ids(tokenizer, p["prompt"]) for p in train]
+    task = RLTask([prompt_ids(tokenizer, p["prompt"]) for p in train], reward, reference,
+                  tokenizer.eos_token_id, tokenizer.pad_token_id)
     rl_cfg = dataclasses.replace(cfg, max_new_tokens=new_tokens)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     started = time.time()
     outputs = {}
     checkpoints = phase_checkpoints(ctx, cfg.method)
     if cfg.method == "ppo":
         critic = load_scoring_model(ctx.out_dir / "reward_model")
-        log = train_ppo(policy, critic, reference, reward, prompts, rl_cfg, eos, pad, ctx.seed, checkpoints)
+        log = train_ppo(policy, critic, task, rl_cfg, ctx.seed, checkpoints)
         save_hf(ctx, critic, tokenizer, "critic")
         outputs["critic"] = "critic"
     else:
-        log = train_grpo(policy, reference, reward, prompts, rl_cfg, eos, pad, ctx.seed, checkpoints)
+        log = train_grpo(policy, task, rl_cfg, ctx.seed, checkpoints)
     metrics = {
         "rl_reward_source": cfg.reward_fn or "reward_model",
         "steps": len(log),
@@ -233,8 +236,9 @@ def align_steerlm(
     started = time.time()
     attribute_model = load_scoring_model(sft_path, num_labels=len(steerlm.ATTRIBUTES))
     attribute_losses = steerlm.train_attribute_model(
-        attribute_model, tokenizer, train_items, max_length, cfg.attribute_steps, cfg.batch_size,
-        cfg.rm_learning_rate, ctx.seed, phase_checkpoints(ctx, "attribute_model"),
+        attribute_model, tokenizer, train_items, max_length,
+        LoopSettings(cfg.attribute_steps, cfg.batch_size, cfg.rm_learning_rate, ctx.seed,
+                     phase_checkpoints(ctx, "attribute_model")),
     )
     val_predicted = steerlm.predict_attributes(attribute_model, tokenizer, val_items, max_length, cfg.batch_size)
     if cfg.steer_labels == "model":
@@ -247,8 +251,9 @@ def align_steerlm(
     policy, reference = policy_and_reference(sft_path, cfg)
     examples = steerlm.conditioned_examples(tokenizer, train_items, labels, max_length)
     losses = steerlm.train_conditioned(
-        policy, examples, tokenizer.pad_token_id, cfg.steer_steps, cfg.batch_size, cfg.steer_learning_rate, ctx.seed,
-        phase_checkpoints(ctx, "steerlm_sft"),
+        policy, examples, tokenizer.pad_token_id,
+        LoopSettings(cfg.steer_steps, cfg.batch_size, cfg.steer_learning_rate, ctx.seed,
+                     phase_checkpoints(ctx, "steerlm_sft")),
     )
     if not ctx.is_main:  # rank 0 measures the steering, judges and saves
         return Aligned(policy, reference, {})

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.policy import Reference, response_logprobs
-from alignment.reward_model import encode_pairs, pair_rollout, train_loop
+from alignment.reward_model import LoopSettings, encode_pairs, pair_rollout, train_loop
 from alignment.stages import AlignConfig
 from recipes import hf_lm
 from recipes.data_parallel import DataParallel
@@ -123,8 +123,8 @@ def train_dpo(
         return dpo_losses(chosen, rejected, lengths, cfg.beta, cfg.loss_type).sum(), len(rows)
 
     started = time.time()
-    losses = train_loop(policy, batch_loss, len(train_ex), cfg.max_steps, cfg.batch_size, cfg.learning_rate, seed,
-                        f"dpo ({cfg.loss_type})", checkpoints, cfg.warmup_steps)
+    settings = LoopSettings(cfg.max_steps, cfg.batch_size, cfg.learning_rate, seed, checkpoints, cfg.warmup_steps)
+    losses = train_loop(policy, batch_loss, len(train_ex), settings, f"dpo ({cfg.loss_type})")
     train_time = time.time() - started
     tokens = int(DataParallel.current().sum(tokens))
     after = held_out_scores(policy, reference, val_ex, pad_id, cfg)

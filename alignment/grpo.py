@@ -18,10 +18,9 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from alignment.policy import Reference, response_logprobs
+from alignment.policy import response_logprobs
 from alignment.ppo import masked_mean
-from alignment.rewards import RewardFn
-from alignment.rl_loop import RLLoop
+from alignment.rl_loop import RLLoop, RLTask
 from alignment.stages import AlignConfig
 from recipes.loop_checkpoint import LoopCheckpoints
 
@@ -65,15 +64,7 @@ def grpo_loss(
 
 
 def train_grpo(
-    policy: PreTrainedModel,
-    reference: Reference,
-    reward: RewardFn,
-    prompts: list[list[int]],
-    cfg: AlignConfig,
-    eos_id: int,
-    pad_id: int,
-    seed: int,
-    checkpoints: LoopCheckpoints | None = None,
+    policy: PreTrainedModel, task: RLTask, cfg: AlignConfig, seed: int, checkpoints: LoopCheckpoints | None = None
 ) -> list[dict]:
     """Train `policy` with GRPO for cfg.rl_iterations; return each iteration's figures.
 
@@ -90,16 +81,14 @@ def train_grpo(
     modules, optimizers = {"policy": policy}, {"adamw": optimizer}
     loop.restore(modules, optimizers)
     for iteration in (bar := loop.iterations(cfg.rl_iterations, "grpo")):
-        batch = loop.pick(prompts, groups, repeat=cfg.group_size)  # each prompt group_size times in a row
-        rollout = loop.sample(policy, batch, iteration, cfg.max_new_tokens, eos_id, pad_id)
-        mask = rollout.response_mask  # (B, R)
-        old_logprobs, entropy = loop.scored(rollout, lambda part: response_logprobs(policy, part))  # (B, R) each
-        (ref_logprobs,) = loop.scored(rollout, lambda part: (reference.logprobs(part),))  # (B, R)
-        (scores,) = loop.scored(rollout, lambda part: (reward(part),))  # (B,)
+        # each prompt group_size times in a row
+        scored = loop.rollout(task, policy, iteration, groups, cfg.max_new_tokens, repeat=cfg.group_size)
+        rollout, mask, old_logprobs, ref_logprobs = scored.rollout, scored.mask, scored.logprobs, scored.ref_logprobs
+        scores = scored.scores
         advantages = group_advantages(scores, cfg.group_size)  # (B,)
         policy.train()
         losses = []
-        for rows, mine in loop.minibatches(len(batch), cfg.ppo_epochs, cfg.batch_size):
+        for rows, mine in loop.minibatches(rollout.input_ids.size(0), cfg.ppo_epochs, cfg.batch_size):
             logprobs, _ = response_logprobs(policy, rollout.select(mine))
             loss, _ = grpo_loss(
                 logprobs, old_logprobs[mine], ref_logprobs[mine], advantages[mine], mask[mine],
@@ -113,7 +102,7 @@ def train_grpo(
             "reward": scores.mean().item(),
             "reward_std_in_group": scores.view(-1, cfg.group_size).std(-1).mean().item(),
             "kl": ((old_logprobs - ref_logprobs) * mask).sum(-1).mean().item(),
-            "entropy": masked_mean(entropy, mask).item(),
+            "entropy": masked_mean(scored.entropy, mask).item(),
             "response_tokens": mask.sum(-1).mean().item(),
             "loss": sum(losses) / len(losses),
         }

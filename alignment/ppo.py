@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from alignment.policy import Reference, response_logprobs, response_values
-from alignment.rewards import RewardFn
-from alignment.rl_loop import RLLoop
+from alignment.policy import response_logprobs, response_values
+from alignment.rl_loop import RLLoop, RLTask
 from alignment.stages import AlignConfig
 from recipes.loop_checkpoint import LoopCheckpoints
 
@@ -107,15 +106,7 @@ class KLController:
 
 
 def train_ppo(
-    policy: PreTrainedModel,
-    critic: PreTrainedModel,
-    reference: Reference,
-    reward: RewardFn,
-    prompts: list[list[int]],
-    cfg: AlignConfig,
-    eos_id: int,
-    pad_id: int,
-    seed: int,
+    policy: PreTrainedModel, critic: PreTrainedModel, task: RLTask, cfg: AlignConfig, seed: int,
     checkpoints: LoopCheckpoints | None = None,
 ) -> list[dict]:
     """Train `policy` (and `critic`) with PPO for cfg.rl_iterations; return each iteration's figures.
@@ -141,13 +132,10 @@ def train_ppo(
         kl_ctl.value = state["kl_coef"]
     for iteration in (bar := loop.iterations(cfg.rl_iterations, "ppo")):
         # 1-2. rollout and its scores, all without gradients
-        batch = loop.pick(prompts, cfg.rollout_size)
-        rollout = loop.sample(policy, batch, iteration, cfg.max_new_tokens, eos_id, pad_id)
-        mask = rollout.response_mask  # (B, R)
-        old_logprobs, entropy = loop.scored(rollout, lambda part: response_logprobs(policy, part))  # (B, R) each
-        (ref_logprobs,) = loop.scored(rollout, lambda part: (reference.logprobs(part),))  # (B, R)
+        scored = loop.rollout(task, policy, iteration, cfg.rollout_size, cfg.max_new_tokens)
+        rollout, mask, old_logprobs, ref_logprobs = scored.rollout, scored.mask, scored.logprobs, scored.ref_logprobs
         (old_values,) = loop.scored(rollout, lambda part: (response_values(critic.eval(), part),))  # (B, R)
-        (scores,) = loop.scored(rollout, lambda part: (reward(part),))  # (B,)
+        scores, batch = scored.scores, rollout.input_ids.size(0)
         # 3-4. per-token rewards with the KL penalty, GAE
         rewards = kl_penalised_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
@@ -156,7 +144,7 @@ def train_ppo(
         policy.train()
         critic.train()
         stats = {"policy_loss": [], "value_loss": [], "clipfrac": []}
-        for rows, mine in loop.minibatches(len(batch), cfg.ppo_epochs, cfg.batch_size):
+        for rows, mine in loop.minibatches(batch, cfg.ppo_epochs, cfg.batch_size):
             sub, m, tokens = rollout.select(mine), mask[mine], float(mask[rows].sum().clamp(min=1))
             logprobs, _ = response_logprobs(policy, sub)
             policy_loss, clipfrac = clipped_policy_loss(
@@ -177,11 +165,11 @@ def train_ppo(
             "reward": scores.mean().item(),
             "kl": kl,
             "kl_coef": kl_ctl.value,
-            "entropy": masked_mean(entropy, mask).item(),
+            "entropy": masked_mean(scored.entropy, mask).item(),
             "response_tokens": mask.sum(-1).mean().item(),
             **{key: sum(v) / len(v) for key, v in stats.items()},
         }
-        kl_ctl.update(kl, len(batch))
+        kl_ctl.update(kl, batch)
         bar.set_postfix(reward=f"{entry['reward']:.3f}", kl=f"{kl:.3f}", vloss=f"{entry['value_loss']:.3f}")
         loop.finish(iteration, entry, modules, optimizers, {"kl_coef": kl_ctl.value})
     return loop.log

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,19 +67,26 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
     return -F.logsigmoid(chosen - rejected).mean()
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """How a train_loop trains: AdamW steps, global batch, peak learning rate and its warmup, seed, checkpoints."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    checkpoints: LoopCheckpoints | None = None
+    warmup_steps: int = 0
+
+
 def train_loop(
     model: PreTrainedModel,
     batch_loss: Callable[[list[int]], tuple[torch.Tensor, float]],
     num_examples: int,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
+    settings: LoopSettings,
     desc: str,
-    checkpoints: LoopCheckpoints | None = None,
-    warmup_steps: int = 0,
 ) -> list[float]:
-    """Train `model` (its parameters that require grad) for `steps` AdamW steps; return each step's loss.
+    """Train `model` (its parameters that require grad) for `settings.steps` AdamW steps; return each step's loss.
 
     `batch_loss(example indices)` returns (the summed loss of those examples,
     how many terms the step's mean is over: examples, tokens, outputs). Batches
@@ -90,16 +98,17 @@ def train_loop(
     it saves periodically and resumes from the newest (a finished loop restores
     as finished and trains nothing).
     """
-    checkpoints = checkpoints or LoopCheckpoints(None, 0)  # off: the default process group's world
+    steps, batch_size = settings.steps, settings.batch_size
+    checkpoints = settings.checkpoints or LoopCheckpoints(None, 0)  # off: the default process group's world
     dp = checkpoints.dp
     dp.check_divides(batch_size, desc.replace(" ", "_") + " batch_size")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    warmup = min(warmup_steps, steps)
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    warmup = min(settings.warmup_steps, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(steps - warmup, 1))
     )
-    rng = random.Random(seed)
+    rng = random.Random(settings.seed)
     order: list[int] = []
     losses: list[float] = []
     resumed = checkpoints.restore({"model": model}, {"adamw": optimizer}, {"lr": schedule})
@@ -130,22 +139,14 @@ def train_loop(
 
 
 def train_reward_model(
-    model: PreTrainedModel,
-    examples: list[dict],
-    pad_id: int,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-    checkpoints: LoopCheckpoints | None = None,
+    model: PreTrainedModel, examples: list[dict], pad_id: int, settings: LoopSettings
 ) -> list[float]:
     """Train `model` on encoded pairs with the Bradley-Terry loss (train_loop); return each step's loss."""
 
     def batch_loss(rows: list[int]) -> tuple[torch.Tensor, float]:
         return bradley_terry_loss(*pair_scores(model, [examples[i] for i in rows], pad_id)) * len(rows), len(rows)
 
-    return train_loop(model, batch_loss, len(examples), steps, batch_size, learning_rate, seed, "reward model",
-                      checkpoints)
+    return train_loop(model, batch_loss, len(examples), settings, "reward model")
 
 
 @torch.no_grad()

@@ -15,19 +15,48 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from alignment.policy import Rollout, sample_sharded
+from alignment.policy import Reference, Rollout, response_logprobs, sample_sharded
+from alignment.rewards import RewardFn
 from recipes.loop_checkpoint import LoopCheckpoints, python_rng_state, set_python_rng_state
 
 
 def sample_seed(seed: int, iteration: int, row: int) -> int:
     """Return the seed of the response sampled for rollout row `row` of `iteration`."""
     return ((seed & 0xFFFFF) << 40 | (iteration & 0xFFFFF) << 20 | row & 0xFFFFF) & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class RLTask:
+    """What an RL loop optimises: the prompts (token ids), the reward of a rollout, the frozen reference, eos/pad."""
+
+    prompts: list[list[int]]
+    reward: RewardFn
+    reference: Reference
+    eos_id: int
+    pad_id: int
+
+
+@dataclass(frozen=True)
+class ScoredRollout:
+    """A whole rollout with its scores: (B, R) log-probs, entropies and reference log-probs; (B,) rewards."""
+
+    rollout: Rollout
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    ref_logprobs: torch.Tensor
+    scores: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Return the (B, R) mask of the response tokens."""
+        return self.rollout.response_mask
 
 
 class RLLoop:
@@ -70,6 +99,16 @@ class RLLoop:
         """Return the whole rollout of `batch`, each rank sampling its share (seeded per row)."""
         seeds = [sample_seed(self.seed, iteration, row) for row in range(len(batch))]
         return sample_sharded(policy, batch, max_new_tokens, eos_id, pad_id, seeds, self.dp)
+
+    def rollout(self, task: RLTask, policy: PreTrainedModel, iteration: int, count: int, max_new_tokens: int,
+                repeat: int = 1) -> ScoredRollout:
+        """Return the scored rollout of `count` picked prompts (each `repeat` times), sampled from `policy`."""
+        batch = self.pick(task.prompts, count, repeat)
+        rollout = self.sample(policy, batch, iteration, max_new_tokens, task.eos_id, task.pad_id)
+        logprobs, entropy = self.scored(rollout, lambda part: response_logprobs(policy, part))  # (B, R) each
+        (ref_logprobs,) = self.scored(rollout, lambda part: (task.reference.logprobs(part),))  # (B, R)
+        (scores,) = self.scored(rollout, lambda part: (task.reward(part),))  # (B,)
+        return ScoredRollout(rollout, logprobs, entropy, ref_logprobs, scores)
 
     @torch.no_grad()
     def scored(self, rollout: Rollout,

@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.policy import Rollout, generate, last_token_scores, pack
-from alignment.reward_model import encode_answer, train_loop
+from alignment.reward_model import LoopSettings, encode_answer, train_loop
 from recipes import hf_lm
-from recipes.loop_checkpoint import LoopCheckpoints
 
 ATTRIBUTES = ("helpfulness", "verbosity")
 LEVELS = 5  # attribute values 0..4
@@ -98,11 +97,7 @@ def train_attribute_model(
     tokenizer: PreTrainedTokenizerBase,
     items: list[dict],
     max_length: int,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-    checkpoints: LoopCheckpoints | None = None,
+    settings: LoopSettings,
 ) -> list[float]:
     """Train the 2-output head model to predict attribute / 4 (mean squared error); return each step's loss."""
 
@@ -112,8 +107,7 @@ def train_attribute_model(
         target = torch.tensor([[b[a] / (LEVELS - 1) for a in ATTRIBUTES] for b in batch], device=predicted.device)
         return F.mse_loss(predicted, target, reduction="sum"), target.numel()
 
-    return train_loop(model, batch_loss, len(items), steps, batch_size, learning_rate, seed, "attribute model",
-                      checkpoints)
+    return train_loop(model, batch_loss, len(items), settings, "attribute model")
 
 
 @torch.no_grad()
@@ -156,14 +150,7 @@ def conditioned_examples(
 
 
 def train_conditioned(
-    policy: PreTrainedModel,
-    examples: list[dict[str, list[int]]],
-    pad_id: int,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-    checkpoints: LoopCheckpoints | None = None,
+    policy: PreTrainedModel, examples: list[dict[str, list[int]]], pad_id: int, settings: LoopSettings
 ) -> list[float]:
     """Train the policy's trainable weights on attribute-conditioned examples (loss on answers); return the losses."""
 
@@ -175,8 +162,7 @@ def train_conditioned(
                               ignore_index=hf_lm.IGNORE, reduction="sum")
         return nll, int((targets != hf_lm.IGNORE).sum())
 
-    return train_loop(policy, batch_loss, len(examples), steps, batch_size, learning_rate, seed, "steerlm SFT",
-                      checkpoints)
+    return train_loop(policy, batch_loss, len(examples), settings, "steerlm SFT")
 
 
 @torch.no_grad()

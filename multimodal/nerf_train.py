@@ -12,6 +12,7 @@ PSNR-vs-time curve and a turntable GIF.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -25,8 +26,9 @@ from multimodal.nerf_model import NerfField, render_image, render_rays, save_ner
 from multimodal.nerf_scene import BACKGROUND, TARGET, camera_rays, orbit_pose, read_split
 from multimodal.pictures import save_gif, save_grid, save_line_plot
 from pipeline.stage import StageContext, StageResult
+from recipes.loop_checkpoint import LoopCheckpoints, resume_with_generator, save_with_generator
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINTS = "checkpoints"  # step_<n>/ (recipes.loop_checkpoint), deleted at the end
 MODEL_DIR = "model"
 TURNTABLE_ELEVATION = 30.0
 
@@ -84,17 +86,12 @@ def run(ctx: StageContext) -> StageResult:
     opt = torch.optim.Adam(params, lr=cfg.lr)
     decay = (cfg.min_lr / cfg.lr) ** (1.0 / max(1, cfg.steps))
     gen = torch.Generator().manual_seed(ctx.seed)
-    curve: list[list[float]] = []  # [step, train seconds (wall), train seconds (this process's CPU), psnr, ssim]
-    start, train_s, cpu_s = 0, 0.0, 0.0
-    ckpt = ctx.out_dir / CHECKPOINT
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True, map_location=device)
-        coarse.load_state_dict(state["coarse"])
-        fine.load_state_dict(state["fine"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        curve = state["curve"].tolist()
-        start, train_s, cpu_s = int(state["step"]), float(state["train_s"]), float(state["cpu_s"])
+    # curve: [step, train seconds (wall), train seconds (this process's CPU), psnr, ssim] per evaluation
+    checkpoints = LoopCheckpoints(ctx.out_dir / CHECKPOINTS, every=cfg.eval_every, keep=1)
+    modules, optimizers = {"coarse": coarse, "fine": fine}, {"adam": opt}
+    start, state = resume_with_generator(checkpoints, modules, optimizers, gen)
+    curve, train_s, cpu_s = state.get("curve", []), state.get("train_s", 0.0), state.get("cpu_s", 0.0)
+    if start:
         print(f"[nerf_train] resuming at step {start}", flush=True)
 
     mean_colour = torch.tensor(train_img.mean((0, 1, 2)))  # (3,): the best constant image
@@ -118,14 +115,13 @@ def run(ctx: StageContext) -> StageResult:
             p, s, _ = evaluate(coarse, fine, render, test_pose, test_img)
             curve.append([step + 1, round(train_s, 2), round(cpu_s, 2), round(p, 3), round(s, 4)])
             bar.set_postfix(test_psnr=f"{p:.2f}", train_s=f"{train_s:.0f}")
-            torch.save({"coarse": coarse.state_dict(), "fine": fine.state_dict(), "opt": opt.state_dict(),
-                        "gen": gen.get_state(), "curve": torch.tensor(curve, dtype=torch.float64),
-                        "step": step + 1, "train_s": train_s, "cpu_s": cpu_s}, ckpt)
+            save_with_generator(checkpoints, step + 1, modules, optimizers, gen,
+                                {"curve": curve, "train_s": train_s, "cpu_s": cpu_s})
             tick, cpu_tick = time.time(), time.process_time()
     bar.close()
 
     save_nerf(ctx.out_dir / MODEL_DIR, coarse, fine, render)
-    ckpt.unlink()
+    shutil.rmtree(ctx.out_dir / CHECKPOINTS)
     test_psnr, test_ssim, preds = evaluate(coarse, fine, render, test_pose, test_img)
     save_grid(np.concatenate([test_img, preds]), ctx.out_dir / "test_views.png", ncols=len(test_img), scale=2)
     for k, pred in enumerate(preds):

@@ -101,9 +101,10 @@ def _files(*names: str) -> tuple[str, ...]:
 
 T2I_DATA_CODE = _files("t2i_data", "pictures")
 T2I_VAE_CODE = T2I_DATA_CODE + _files("vae")
-T2I_TRAIN_CODE = T2I_VAE_CODE + _files("t2i_train", "t2i_model", "t2i_judge", "diffusion", "text_encoder")
+CHECKPOINT_CODE = ("recipes/loop_checkpoint.py", "recipes/data_parallel.py")
+T2I_TRAIN_CODE = T2I_VAE_CODE + _files("t2i_train", "t2i_model", "t2i_judge", "diffusion", "text_encoder") + CHECKPOINT_CODE
 NERF_DATA_CODE = _files("nerf_scene", "pictures")
-NERF_TRAIN_CODE = NERF_DATA_CODE + _files("nerf_train", "nerf_model", "image_metrics")
+NERF_TRAIN_CODE = NERF_DATA_CODE + _files("nerf_train", "nerf_model", "image_metrics") + CHECKPOINT_CODE
 
 STAGES = {
     "t2i_data": Stage("t2i_data", T2IDataConfig, "multimodal.t2i_data:run", code=T2I_DATA_CODE,

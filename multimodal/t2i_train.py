@@ -16,7 +16,6 @@ import json
 import math
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,8 +31,9 @@ from multimodal.t2i_model import T2IModel
 from multimodal.text_encoder import TextEncoder, WordTokenizer
 from multimodal.vae import to_model_range
 from pipeline.stage import StageContext, StageResult
+from recipes.loop_checkpoint import LoopCheckpoints, resume_with_generator, save_with_generator
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINTS = "checkpoints"  # epoch_<n> as step_<n>/ (recipes.loop_checkpoint), deleted at the end
 GRID_PROMPTS = (0, 1, 3, 7, 8, 10, 14, 18, 21)  # class ids shown in the per-epoch grids
 GRID_SEEDS = 6
 
@@ -108,18 +108,12 @@ def run(ctx: StageContext) -> StageResult:
     batch = min(cfg.batch_size, len(ids))
     steps_per_epoch = len(ids) // batch
     total = steps_per_epoch * cfg.epochs
-    history: list[tuple[int, float]] = []
-    start_epoch, train_s, cpu_s = 0, 0.0, 0.0
-
-    ckpt = ctx.out_dir / CHECKPOINT
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True, map_location=device)
-        unet.load_state_dict(state["unet"])
-        text.load_state_dict(state["text"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        history = [(int(s), float(v)) for s, v in state["history"].tolist()]
-        start_epoch, train_s, cpu_s = int(state["epoch"]), float(state["train_s"]), float(state["cpu_s"])
+    checkpoints = LoopCheckpoints(ctx.out_dir / CHECKPOINTS, every=1, keep=1)  # one per epoch
+    modules, optimizers = {"unet": unet, "text": text}, {"adamw": opt}
+    start_epoch, state = resume_with_generator(checkpoints, modules, optimizers, gen)
+    history = [(int(s), float(v)) for s, v in state.get("history", [])]  # (step, loss)
+    train_s, cpu_s = state.get("train_s", 0.0), state.get("cpu_s", 0.0)
+    if start_epoch:
         print(f"[t2i_train] resuming after epoch {start_epoch}", flush=True)
 
     denoise = unet_denoiser(unet)
@@ -153,13 +147,12 @@ def run(ctx: StageContext) -> StageResult:
         cpu_s += time.process_time() - cpu_started
         grid = model.generate(grid_p, grid_s, cfg.sample_steps, cfg.grid_guidance, cfg.sampler)
         save_grid(grid, ctx.out_dir / "samples" / f"epoch_{epoch + 1:03d}.png", GRID_SEEDS, 3, grid_rows)
-        torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
-                    "gen": gen.get_state(), "history": torch.tensor(history), "epoch": epoch + 1,
-                    "train_s": train_s, "cpu_s": cpu_s}, ckpt)
+        save_with_generator(checkpoints, epoch + 1, modules, optimizers, gen,
+                            {"history": history, "train_s": train_s, "cpu_s": cpu_s})
     bar.close()
 
     model.save(ctx.out_dir)
-    ckpt.unlink()
+    shutil.rmtree(ctx.out_dir / CHECKPOINTS)
     window = max(1, steps_per_epoch // 2)
     smooth = [(s, float(np.mean([v for _, v in history[max(0, i - window + 1): i + 1]])))
               for i, (s, _) in enumerate(history)]

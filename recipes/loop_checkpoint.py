@@ -69,6 +69,27 @@ def set_python_rng_state(rng: random.Random, saved: list) -> None:
     rng.setstate((saved[0], tuple(saved[1]), saved[2]))
 
 
+def resume_with_generator(checkpoints: "LoopCheckpoints", modules: dict[str, torch.nn.Module],
+                          optimizers: dict[str, torch.optim.Optimizer], gen: torch.Generator) -> tuple[int, dict]:
+    """Restore the newest checkpoint and the loop's own generator `gen`; return (its step, the loop's state).
+
+    Return (0, {}) where there is none. The state was saved with
+    `save_with_generator`, which stores `gen`'s state beside the loop's.
+    """
+    resumed = checkpoints.restore(modules, optimizers, {})
+    if not resumed:
+        return 0, {}
+    state = dict(resumed["state"])
+    gen.set_state(torch.tensor(state.pop("generator"), dtype=torch.uint8))
+    return resumed["step"], state
+
+
+def save_with_generator(checkpoints: "LoopCheckpoints", step: int, modules: dict[str, torch.nn.Module],
+                        optimizers: dict[str, torch.optim.Optimizer], gen: torch.Generator, state: dict) -> Path:
+    """Save the checkpoint of `step` with the loop's generator `gen` and JSON-able `state`; return its path."""
+    return checkpoints.save(step, modules, optimizers, {}, {**state, "generator": gen.get_state().tolist()})
+
+
 def latest_step(root: Path | None) -> int:
     """Return the step of the newest complete checkpoint under `root` (0 where there is none)."""
     path = latest(root) if root is not None else None

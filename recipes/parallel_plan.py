@@ -355,16 +355,16 @@ def describe_plan(recipe: ModelRecipe, layout: Layout, estimate: MemoryEstimate)
     return console.file.getvalue()
 
 
+# PretrainConfig fields that override the model recipe's field of the same name (0: the recipe's value).
+ARCHITECTURE_OVERRIDES = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                          "rotary_base")
+
+
 def stage_recipe(cfg) -> ModelRecipe:
     """Return the model recipe `cfg.model` of a PretrainConfig with its architecture and parallelism overrides."""
     return get_model_recipe(
         cfg.model,
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        rotary_base=cfg.rotary_base,
+        **{name: getattr(cfg, name) for name in ARCHITECTURE_OVERRIDES},
         parallelism={"tensor": cfg.tensor_parallel, "pipeline": cfg.pipeline_parallel,
                      "virtual_pipeline": cfg.virtual_pipeline_parallel, "context": cfg.context_parallel},
     )

@@ -20,19 +20,9 @@ from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
 from recipes import hf_lm
 from recipes.instructions import continuations, write_jsonl
-from tiny_lm import build_model, build_tokenizer, doc_paragraphs, save_hf, write_corpus, write_upstream
+from tiny_lm import build_model, save_hf, write_corpus, write_upstream
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def docs():
-    return doc_paragraphs()
 
 
 def split(pairs):

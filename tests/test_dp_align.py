@@ -17,7 +17,7 @@ import pytest
 from pipeline.execution import run_stages, set_world_size
 from pipeline.presets import resolve_configs
 from test_dp_sft import kill_when_written
-from tiny_lm import build_model, build_tokenizer, doc_paragraphs, save_hf, write_corpus, write_upstream
+from tiny_lm import build_model, doc_paragraphs, save_hf, write_corpus, write_upstream
 
 pytestmark = pytest.mark.slow
 OVERRIDES = ["align.rm_steps=6", "align.max_steps=30", "align.batch_size=4", "align.checkpoint_every=2",
@@ -58,11 +58,6 @@ def max_rel_diff(a: list[dict], b: list[dict], key: str) -> float:
     """Return the largest relative difference of `key` over two train logs of the same phases and steps."""
     assert [(r["phase"], r["step"]) for r in a] == [(r["phase"], r["step"]) for r in b]
     return max((abs(x[key] - y[key]) / max(abs(x[key]), 1e-6) for x, y in zip(a, b) if key in x), default=0.0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.execution import run_stages, set_world_size
 from pipeline.presets import resolve_configs
-from tiny_lm import build_model, build_tokenizer, doc_paragraphs, save_hf, write_corpus, write_upstream
+from tiny_lm import build_model, doc_paragraphs, save_hf, write_corpus, write_upstream
 
 pytestmark = pytest.mark.slow
 REL_TOL = 1e-5
@@ -60,11 +60,6 @@ def sft(run_dir: Path, nproc: int, extra: tuple[str, ...] = ()) -> dict:
     states = run_stages(run_dir, configs, ["sft"], nproc_per_node=nproc, env={"OMP_NUM_THREADS": "1"})
     assert states == {"sft": "completed"}, [p.read_text()[-2000:] for p in (run_dir / "sft.tmp").glob("failure*")]
     return json.loads((run_dir / "sft" / "manifest.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
 from recipes import hf_lm, prompt_eval
 from recipes.instructions import build_instructions, split_sentences, write_jsonl
-from tiny_lm import build_model, build_tokenizer, doc_paragraphs, save_hf, write_upstream
+from tiny_lm import build_model, doc_paragraphs, save_hf, write_upstream
 
 torch.set_num_threads(1)
 
@@ -23,11 +23,6 @@ TEXTS = [
     "Names in the target list are not deleted when the loop is finished.",
     "A break statement executed in the first suite terminates the loop without executing the else clause.",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

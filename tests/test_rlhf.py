@@ -14,26 +14,17 @@ from alignment.grpo import grpo_loss, group_advantages, train_grpo
 from alignment.policy import Reference, add_lora, generate, pack, prompt_ids, response_logprobs
 from alignment.ppo import KLController, clipped_policy_loss, clipped_value_loss, gae, kl_penalised_rewards, train_ppo
 from alignment.preference_data import build_pairs
-from alignment.reward_model import encode_pairs, pairwise_accuracy, train_reward_model
+from alignment.reward_model import LoopSettings, encode_pairs, pairwise_accuracy, train_reward_model
 from alignment.rewards import function_reward, import_function, model_reward
+from alignment.rl_loop import RLTask
 from alignment.stages import AlignConfig
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
 from recipes import hf_lm
 from test_align import stage_inputs
-from tiny_lm import build_model, build_tokenizer, doc_paragraphs, save_hf
+from tiny_lm import build_model, save_hf
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def docs():
-    return doc_paragraphs()
 
 
 def short_is_better(prompts: list[str], completions: list[str]) -> list[float]:
@@ -85,7 +76,7 @@ def test_reward_model_scores_like_hf_and_learns_a_planted_preference(tokenizer, 
         hf_scores = [model(input_ids=torch.tensor([e["prompt"] + e["chosen"]])).logits[0, 0] for e in val[:3]]
     assert torch.allclose(reward(batch), torch.stack(hf_scores), atol=1e-5)
 
-    losses = train_reward_model(model, train, tokenizer.pad_token_id, 60, 8, 2e-3, 0)
+    losses = train_reward_model(model, train, tokenizer.pad_token_id, LoopSettings(60, 8, 2e-3, 0))
     after = pairwise_accuracy(model, val, tokenizer.pad_token_id, 16)
     assert sum(losses[-5:]) / 5 < math.log(2) - 0.1  # below chance's Bradley-Terry loss
     assert after["accuracy"] >= 0.8 and after["margin"] > 0
@@ -190,8 +181,8 @@ def test_ppo_learns_a_planted_reward(tokenizer, docs, tmp_path):
     before = mean_response_chars(policy, tokenizer, prompts)
     reward = function_reward(import_function("test_rlhf:short_is_better"), tokenizer)
     cfg = rl_config(rl_iterations=10, learning_rate=1e-2, rm_learning_rate=1e-3)
-    log = train_ppo(policy, critic, Reference(policy, reference), reward, prompts, cfg, tokenizer.eos_token_id,
-                    tokenizer.pad_token_id, seed=0)
+    task = RLTask(prompts, reward, Reference(policy, reference), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    log = train_ppo(policy, critic, task, cfg, seed=0)
     assert len(log) == 10 and log[0]["kl"] == 0.0  # the reference is an exact copy before the first update
     assert log[-1]["kl"] != 0.0 and all(e["entropy"] > 0 and e["kl_coef"] == 0.01 for e in log)
     assert sum(e["reward"] for e in log[-3:]) / 3 > sum(e["reward"] for e in log[:3]) / 3 + 0.3
@@ -202,9 +193,9 @@ def test_ppo_learns_a_planted_reward(tokenizer, docs, tmp_path):
 def test_grpo_learns_a_planted_reward(tokenizer, docs):
     policy, reference = build_model(tokenizer), build_model(tokenizer)
     prompts = user_prompts(tokenizer, docs, 32)
-    log = train_grpo(policy, Reference(policy, reference), function_reward(short_is_better, tokenizer), prompts,
-                     rl_config(rl_iterations=10, learning_rate=1e-2), tokenizer.eos_token_id,
-                     tokenizer.pad_token_id, seed=0)
+    task = RLTask(prompts, function_reward(short_is_better, tokenizer), Reference(policy, reference),
+                  tokenizer.eos_token_id, tokenizer.pad_token_id)
+    log = train_grpo(policy, task, rl_config(rl_iterations=10, learning_rate=1e-2), seed=0)
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] != 0.0
     assert sum(e["reward"] for e in log[-3:]) / 3 > sum(e["reward"] for e in log[:3]) / 3 + 0.3
 
@@ -214,9 +205,9 @@ def test_lora_policy_reference_is_its_base_with_adapters_disabled(tokenizer, doc
     reference = Reference(policy)
     base = build_model(tokenizer)  # the same seed: the weights under the adapter
     prompts = user_prompts(tokenizer, docs, 16)
-    log = train_grpo(policy, reference, function_reward(short_is_better, tokenizer), prompts,
-                     rl_config(rl_iterations=3, learning_rate=3e-2), tokenizer.eos_token_id,
-                     tokenizer.pad_token_id, seed=0)
+    task = RLTask(prompts, function_reward(short_is_better, tokenizer), reference, tokenizer.eos_token_id,
+                  tokenizer.pad_token_id)
+    log = train_grpo(policy, task, rl_config(rl_iterations=3, learning_rate=3e-2), seed=0)
     assert log[0]["kl"] == 0.0  # a fresh adapter (B = 0) changes nothing
     torch.manual_seed(0)
     rollout = generate(policy, prompts, 12, tokenizer.eos_token_id, tokenizer.pad_token_id, sample=True)

@@ -28,7 +28,7 @@ from recipes.instructions import (
 from recipes.sft import add_lora, fine_tune, load_records
 from recipes.sft_recipes import RECIPES, resolve_config
 from recipes.stages import SFTConfig
-from tiny_lm import build_model, build_tokenizer, doc_paragraphs, save_hf, write_corpus, write_upstream
+from tiny_lm import build_model, doc_paragraphs, save_hf, write_corpus, write_upstream
 
 torch.set_num_threads(1)
 
@@ -39,16 +39,6 @@ CHAT = [
     {"role": "user", "content": "And break?"},
     {"role": "assistant", "content": "It ends the loop."},
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def docs():
-    return doc_paragraphs()
 
 
 @pytest.fixture(scope="module")

@@ -10,25 +10,15 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from alignment import steerlm
-from alignment.reward_model import load_scoring_model
+from alignment.reward_model import LoopSettings, load_scoring_model
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
 from recipes import hf_lm
 from test_align import stage_inputs
-from tiny_lm import build_model, build_tokenizer, doc_paragraphs, save_hf
+from tiny_lm import build_model, save_hf
 
 torch.set_num_threads(1)
 REPEATS = (1, 3, 6, 9, 12)  # planted answers: "yes" this many times, one length per verbosity level
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def docs():
-    return doc_paragraphs()
 
 
 def planted(docs, seed: int) -> list[dict]:
@@ -78,7 +68,7 @@ def test_attribute_model_learns_planted_verbosity(tokenizer, docs, tmp_path):
     save_hf(tmp_path / "sft", build_model(tokenizer, seed=2), tokenizer)
     model = load_scoring_model(tmp_path / "sft", num_labels=2)
     before = steerlm.attribute_accuracy(steerlm.predict_attributes(model, tokenizer, val, 128, 16), val)
-    losses = steerlm.train_attribute_model(model, tokenizer, train, 128, 80, 8, 3e-3, 0)
+    losses = steerlm.train_attribute_model(model, tokenizer, train, 128, LoopSettings(80, 8, 3e-3, 0))
     after = steerlm.attribute_accuracy(steerlm.predict_attributes(model, tokenizer, val, 128, 16), val)
     assert losses[-1] < losses[0]
     assert after["verbosity_mae"] < 0.6 < before["verbosity_mae"]
@@ -95,7 +85,7 @@ def test_requested_verbosity_moves_the_measured_length(tokenizer, docs):
     examples = steerlm.conditioned_examples(tokenizer, items, labels, 128)
     held_out = [i["prompt"] for i in planted(docs[400:416], 2)]
     before = steerlm.steered_word_counts(model, tokenizer, held_out, helpfulness=4, max_new_tokens=40)
-    steerlm.train_conditioned(model, examples, tokenizer.pad_token_id, 100, 8, 1e-2, 0)
+    steerlm.train_conditioned(model, examples, tokenizer.pad_token_id, LoopSettings(100, 8, 1e-2, 0))
     after = steerlm.steered_word_counts(model, tokenizer, held_out, helpfulness=4, max_new_tokens=40)
     assert abs(before[4] - before[0]) < 2  # an untrained model ignores the request
     assert after[0] < after[1] < min(after[2:]) and after[4] - after[0] >= 6
