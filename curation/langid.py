@@ -24,10 +24,14 @@ def detector():
 
 
 def detect(texts: list[str], max_chars: int = MAX_CHARS) -> list[tuple[str, float]]:
-    """Return (ISO 639-1 code, confidence) per text; ("unknown", 0.0) where lingua cannot tell."""
+    """Return (ISO 639-1 code, confidence) per text; ("unknown", 0.0) where lingua cannot tell.
+
+    A lone surrogate (which lingua, taking UTF-8, cannot be given) counts as `?`.
+    """
     results = []
     for text in texts:
-        values = detector().compute_language_confidence_values(text[:max_chars])
+        head = text[:max_chars].encode("utf-8", "replace").decode("utf-8")
+        values = detector().compute_language_confidence_values(head)
         if values and values[0].value > 0:
             results.append((values[0].language.iso_code_639_1.name.lower(), round(float(values[0].value), 4)))
         else:

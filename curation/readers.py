@@ -3,9 +3,10 @@
 Accepted inputs:
 
 - JSON lines: `.jsonl` (also `.json`), plain or compressed `.gz` / `.zst`
-  (`.zst` needs the `zstandard` package). One JSON object per line with a
-  string text field. A record without an id gets `<file stem>-<line no>`
-  (line numbers count from 1). Blank lines are skipped.
+  (`.zst` needs the `zstandard` package; a file may hold several frames).
+  One JSON object per line with a string text field. A record without an id
+  gets `<file stem>-<line no>` (line numbers count from 1). Blank lines are
+  skipped.
 - Parquet (`.parquet`): one record per row; rows count as lines from 1.
 - Plain text (`.txt`): the whole file is one document, id `<file stem>`.
   (One document per file, not per paragraph: paragraphs of prose are mostly
@@ -44,6 +45,7 @@ SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst
 MAX_DOC_BYTES = 10_000_000
 RAW_PREVIEW_BYTES = 300
 SKIP_CHUNK_BYTES = 1 << 20
+ZSTD_CHUNK_BYTES = 1 << 14  # compressed bytes decompressed at a time
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 # what a damaged compressed stream or Parquet file raises while being read
 READ_ERRORS = (EOFError, OSError, zlib.error, ValueError)
@@ -114,9 +116,60 @@ def _open_binary(path: Path, suffix: str) -> BinaryIO:
     if suffix.endswith(".gz"):
         return gzip.open(path, "rb")
     if suffix.endswith(".zst"):
-        reader = _require_zstandard().ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return io.BufferedReader(reader)
+        return io.BufferedReader(_ZstdFile(path))
     return open(path, "rb")
+
+
+class _ZstdFile(io.RawIOBase):
+    """The decompressed bytes of a `.zst` file, frame after frame.
+
+    Reading raises EOFError when the file ends inside a frame (truncated; zstandard's
+    own stream reader just stops there) and OSError when the bytes are not zstd
+    frames, as `gzip` does for a `.gz` file. Compressed bytes are decompressed
+    `ZSTD_CHUNK_BYTES` at a time.
+    """
+
+    def __init__(self, path: Path):
+        self._zstd = _require_zstandard()
+        self._file = open(path, "rb")
+        self._frame = None  # decompressor of the frame being read; None between frames
+        self._pending = memoryview(b"")  # decompressed bytes not yet returned
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        """Fill `buffer` with decompressed bytes; return how many, 0 at the end of the file."""
+        while not self._pending:
+            data = self._file.read(ZSTD_CHUNK_BYTES)
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("compressed file ended before the end of its zstd frame")
+                return 0
+            self._pending = memoryview(self._decompress(data))
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        """Return the decompressed bytes of `data`, which may end one frame and start the next."""
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._zstd.ZstdDecompressor().decompressobj()
+            try:
+                out.append(self._frame.decompress(data))
+            except self._zstd.ZstdError as exc:
+                raise OSError(f"not a valid zstd file: {exc}") from None
+            data = b""
+            if self._frame.eof:
+                data, self._frame = self._frame.unused_data, None
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _read_text(path: Path, max_doc_bytes: int) -> ReadResult:
