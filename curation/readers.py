@@ -249,11 +249,7 @@ def _read_jsonl(path: Path, f: BinaryIO, text_field: str, id_field: str, max_doc
         except (json.JSONDecodeError, RecursionError) as exc:
             rejects.append(_reject(path, number, "invalid_json", f"{type(exc).__name__}: {exc}", raw))
             continue
-        doc, reject = _document(record, path, number, text_field, id_field, raw)
-        if reject:
-            rejects.append(reject)
-        else:
-            docs.append(doc)
+        _add(docs, rejects, *_document(record, path, number, text_field, id_field, raw))
     return ReadResult(docs, rejects, seen)
 
 
@@ -279,12 +275,16 @@ def _read_parquet(path: Path, text_field: str, id_field: str, max_doc_bytes: int
             if isinstance(text, str) and len(text.encode("utf-8")) > max_doc_bytes:
                 rejects.append(_reject(path, number, "too_large", f"> {max_doc_bytes} bytes", raw))
                 continue
-            doc, reject = _document(record, path, number, text_field, id_field, raw)
-            if reject:
-                rejects.append(reject)
-            else:
-                docs.append(doc)
+            _add(docs, rejects, *_document(record, path, number, text_field, id_field, raw))
     return ReadResult(docs, rejects, number)
+
+
+def _add(docs: list[dict[str, str]], rejects: list[dict], doc: dict[str, str] | None, reject: dict | None) -> None:
+    """Append a record's document to `docs`, or its reject to `rejects`."""
+    if reject:
+        rejects.append(reject)
+    else:
+        docs.append(doc)
 
 
 def _document(

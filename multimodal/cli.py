@@ -1,11 +1,14 @@
-"""`aigc t2i train|sample` and `aigc nerf train|render`: the multimodal recipes from the command line.
+"""`aigc t2i data|vae|train|sample` and `aigc nerf data|train|render`: the multimodal recipes from the command line.
 
-`train` runs the recipe's chain of registered stages on the pipeline's runner
-(pipeline.cli.cmd_run_locked: NeMo-Run, `--executor local|slurm`, fingerprints,
-manifests, resume, `aigc status --run-dir runs/t2i`); `sample` and `render`
-read the trained stages' outputs in this process.
+One subcommand per registered stage runs that stage and its upstream on the
+pipeline's runner (pipeline.cli.cmd_run_locked: NeMo-Run, `--executor
+local|slurm`, fingerprints, manifests, resume, `aigc status --run-dir
+runs/t2i`), as `aigc sft` does for the LLM chain; `train` is the last stage, so
+it runs the whole recipe. `sample` and `render` read the trained stages'
+outputs in this process.
 
     aigc t2i train [--config tiny] [--run-dir runs/t2i] [--executor local|slurm] [key=value ...]
+    aigc t2i vae steps=800                            (t2i_data -> t2i_vae only)
     aigc t2i sample "a handwritten three" [--steps 50] [--guidance 3] [--sampler ddim] [--num 8] [--out PNG]
     aigc nerf train [--config tiny] [--run-dir runs/nerf] [key=value ...]
     aigc nerf render --pose 30,25 [--out PNG]      |   aigc nerf render --turntable 36 [--out GIF]
@@ -30,36 +33,46 @@ from pipeline.run_lock import RunDirLocked
 from multimodal.stages import NERF_ORDER, STAGES, T2I_ORDER
 
 
-def _stage_fields(order: tuple[str, ...]) -> str:
-    """Return a help line listing the stages of a recipe and their settings."""
-    return "\n".join(f"  {n}: " + ", ".join(f.name for f in dataclasses.fields(STAGES[n].config_cls)) for n in order)
+def stage_commands(order: tuple[str, ...]) -> dict[str, str]:
+    """Return {subcommand: stage} of a recipe's chain: `t2i_vae` is `aigc t2i vae`."""
+    return {name.split("_", 1)[1]: name for name in order}
 
 
-def _add_train_parser(sub: argparse._SubParsersAction, order: tuple[str, ...], default_dir: str, what: str) -> None:
-    """Add the `train` subcommand of a recipe."""
-    p = sub.add_parser("train", help=f"run the {what} recipe ({' -> '.join(order)}); finished stages are skipped",
-                       description=f"Run {' -> '.join(order)} through NeMo-Run under the stage contract: each "
-                       "stage writes <run-dir>/<stage>/ with a manifest.json and is skipped when its fingerprint "
-                       "is unchanged.",
-                       epilog="settings:\n" + _stage_fields(order), formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_options(p, default_dir)
+def _settings(name: str) -> str:
+    """Return a help line listing the settings of stage `name`."""
+    return f"  {name}: " + ", ".join(f.name for f in dataclasses.fields(STAGES[name].config_cls))
 
 
-def _train(args: argparse.Namespace, chain: str) -> int:
-    """Run the registered chain `chain` on the pipeline's runner; return the exit code."""
+def _add_stage_parsers(sub: argparse._SubParsersAction, order: tuple[str, ...], default_dir: str) -> None:
+    """Add one subcommand per stage of a recipe: it runs that stage and whichever stages it needs are not done."""
+    for command, name in stage_commands(order).items():
+        needs = order[: order.index(name) + 1]
+        what = STAGES[name].config_cls.__doc__.split("(", 1)[-1].rstrip(").")
+        p = sub.add_parser(command, help=f"run {' -> '.join(needs)} ({what}); finished stages are skipped",
+                           description=f"Run {' -> '.join(needs)} through NeMo-Run under the stage contract: each "
+                           "stage writes <run-dir>/<stage>/ with a manifest.json and is skipped when its fingerprint "
+                           f"is unchanged. A bare key=value sets {name}'s setting; qualify others (stage.key=value).",
+                           epilog="settings:\n" + "\n".join(_settings(n) for n in needs),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_run_options(p, default_dir)
+
+
+def _run_stage(args: argparse.Namespace, chain: str, stage: str) -> int:
+    """Run `stage` of the registered chain `chain` (and its upstream) on the pipeline's runner; return the exit code."""
     try:
-        return cmd_run_locked(args, chain=chain)
+        return cmd_run_locked(args, target=stage, chain=chain)
     except (ConfigError, KeyError, jobs.ClusterError, RunDirLocked) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
 
 
-def _command_parser(prog: str, description: str, order, default_dir: str, what: str,
+def _command_parser(prog: str, description: str, order, default_dir: str,
                     command: str, help: str, command_description: str):
-    """Return (the parser of `prog`, the parser of its `command`): `train` runs the chain `order`, `command` uses it."""
+    """Return (the parser of `prog`, the parser of its `command`): one subcommand per stage of `order`, and `command`
+    that uses the trained stages."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_train_parser(sub, order, default_dir, what)
+    _add_stage_parsers(sub, order, default_dir)
     return parser, sub.add_parser(command, help=help, description=command_description)
 
 
@@ -70,7 +83,7 @@ def t2i_parser() -> argparse.ArgumentParser:
         "Text-to-image latent diffusion: a caption set (digits + drawn shapes), an AutoencoderKL, "
         "a text encoder + UNet2DConditionModel trained by DDPM with prompt dropout, sampled by DDIM/DDPM "
         "with classifier-free guidance and judged by a classifier trained on the real images.",
-        T2I_ORDER, "runs/t2i", "text-to-image",
+        T2I_ORDER, "runs/t2i",
         "sample", "generate images for a prompt from a trained run, as a PNG grid",
         "Generate --num images for PROMPT (seeds --seed, --seed+1, ...) with the "
         "model of a finished `aigc t2i train`, written as one PNG grid.",
@@ -94,8 +107,8 @@ def t2i_parser() -> argparse.ArgumentParser:
 def t2i_main(argv: list[str]) -> int:
     """Run `aigc t2i`; return the exit code."""
     args = t2i_parser().parse_args(argv)
-    if args.command == "train":
-        return _train(args, "t2i")
+    if args.command in stage_commands(T2I_ORDER):
+        return _run_stage(args, "t2i", stage_commands(T2I_ORDER)[args.command])
     run_dir = Path(args.run_dir)
     train_dir, vae_dir = run_dir / "t2i_train", run_dir / "t2i_vae" / "vae"
     if not (train_dir / "manifest.json").is_file() or not vae_dir.is_dir():
@@ -129,7 +142,7 @@ def nerf_parser() -> argparse.ArgumentParser:
         "NeRF in pure PyTorch on a ray-traced scene (spheres on a floor, Blender-format "
         "transforms + PNGs): positional encoding + MLP, stratified + importance sampling, volume rendering; "
         "held-out PSNR/SSIM against training time.",
-        NERF_ORDER, "runs/nerf", "NeRF",
+        NERF_ORDER, "runs/nerf",
         "render", "render a trained NeRF from a pose (PNG) or round the scene (GIF)",
         "Render the fields of a finished `aigc nerf train` from a camera pose, or a turntable GIF.",
     )
@@ -163,8 +176,8 @@ def parse_pose(text: str, radius: float):
 def nerf_main(argv: list[str]) -> int:
     """Run `aigc nerf`; return the exit code."""
     args = nerf_parser().parse_args(argv)
-    if args.command == "train":
-        return _train(args, "nerf")
+    if args.command in stage_commands(NERF_ORDER):
+        return _run_stage(args, "nerf", stage_commands(NERF_ORDER)[args.command])
     from multimodal.nerf_train import MODEL_DIR
 
     run_dir = Path(args.run_dir)

@@ -307,7 +307,11 @@ def test_recipes_run_as_stages_from_the_cli(tmp_path, capsys):
     assert (run / "t2i_train" / "manifest.json").stat().st_mtime_ns == mtime
 
     run = tmp_path / "nerf"
+    assert nerf_main(["data", "--config", "smoke", "--run-dir", str(run)]) == 0  # one stage: nerf_data alone
+    assert (run / "nerf_data" / "manifest.json").is_file() and not (run / "nerf_train").exists()
+    data_mtime = (run / "nerf_data" / "manifest.json").stat().st_mtime_ns
     assert nerf_main(["train", "--config", "smoke", "--run-dir", str(run)]) == 0
+    assert (run / "nerf_data" / "manifest.json").stat().st_mtime_ns == data_mtime  # reused, not re-run
     m = json.loads((run / "nerf_train" / "manifest.json").read_text())["metrics"]
     assert m["test_psnr"] > m["mean_colour_psnr"] and len(m["curve"]) == 2
     assert Image.open(run / "nerf_train" / "turntable.gif").n_frames == 3

@@ -37,6 +37,19 @@ def test_every_cli_command_is_a_chain_stage_a_registered_command_or_a_pipeline_c
             "run", "status", "logs", "cancel"), command
 
 
+
+def test_every_multimodal_subcommand_runs_a_registered_stage_or_reads_one():
+    from multimodal.cli import nerf_parser, stage_commands, t2i_parser
+
+    registry = load_registry()
+    for chain, parser, client in (("t2i", t2i_parser(), "sample"), ("nerf", nerf_parser(), "render")):
+        (sub,) = [a for a in parser._actions if a.dest == "command"]
+        stages = stage_commands(registry.chain(chain))
+        assert set(stages.values()) == set(registry.chain(chain))  # every stage of the recipe has its command
+        for command in sub.choices:
+            assert command in stages or command == client, (chain, command)
+
+
 def test_registry_loads_without_heavy_imports():
     code = ("import sys; from pipeline.stage import load_registry; load_registry(); "
             "print(sorted(m for m in ('torch', 'megatron', 'ray', 'diffusers', 'tritonclient') if m in sys.modules))")

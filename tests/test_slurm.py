@@ -307,17 +307,35 @@ def test_multi_rank_stages_get_their_own_ranks_from_the_cluster_profile():
     assert configs["run"].ranks_of("evaluate", False) == 1
 
 
+def untimed(manifest: dict) -> dict:
+    """Return comparable(manifest) without the metrics that are durations or rates (they differ run to run)."""
+    timed = ("_s", "_ms", "per_s", "seconds")
+    out = comparable(manifest)
+    out["metrics"] = {k: v for k, v in out["metrics"].items() if not k.endswith(timed) and k != "curve"}
+    timed_files = ("quality.json", "curve.json", "psnr_curve.png")  # they record or plot seconds
+    out["outputs"] = {k: {**v, "sha256": None, "bytes": None} if v["path"] in timed_files else v
+                      for k, v in out["outputs"].items()}
+    return out
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_multimodal_stage_on_slurm_matches_a_local_run(slurm_cluster, tmp_path):
-    # nerf_data (the cheapest multimodal stage) through the same runner as the LLM stages: one Slurm job here,
-    # the LocalExecutor there; the same fingerprint, outputs and metrics.
-    profile = parse_profile("loopback", {"account": "aigc", "partition": "debug", "time": "00:10:00"})
+def test_multimodal_recipes_on_slurm_match_a_local_run(slurm_cluster, tmp_path):
+    # Both multimodal chains (t2i: data -> vae -> train; nerf: data -> train) through the same runner as the LLM
+    # stages: a Slurm job per stage (afterok) here, the LocalExecutor there; the same fingerprints, outputs and
+    # metrics (durations aside; the NeRF curve holds its timings).
+    profile = parse_profile("loopback", {"account": "aigc", "partition": "debug", "time": "00:20:00"})
     slurm_dir, local_dir = tmp_path / "slurm", tmp_path / "local"
-    states = run_stages(slurm_dir, resolve_configs("smoke"), ["nerf_data"], executor="slurm", profile=profile)
-    assert states == {"nerf_data": "completed"}, jobs.stage_logs(jobs.read_records(slurm_dir)["nerf_data"])[-3000:]
-    assert run_stages(local_dir, resolve_configs("smoke"), ["nerf_data"]) == {"nerf_data": "completed"}
-    on_slurm, here = read_manifest(slurm_dir, "nerf_data"), read_manifest(local_dir, "nerf_data")
-    assert comparable(on_slurm) == comparable(here)
-    assert on_slurm["fingerprint"] == make_plan(local_dir, resolve_configs("smoke"), ["nerf_data"])[0].fingerprint
-    assert jobs.read_records(slurm_dir)["nerf_data"].executor == "slurm"
+    configs = resolve_configs("smoke")
+    names = list(registry.load_registry().chain("t2i") + registry.load_registry().chain("nerf"))
+    states = run_stages(slurm_dir, configs, names, executor="slurm", profile=profile)
+    records = jobs.read_records(slurm_dir)
+    assert set(states.values()) == {"completed"}, {n: jobs.stage_logs(records[n])[-2000:] for n in records}
+    assert run_stages(local_dir, configs, names) == dict.fromkeys(names, "completed")
+    plan = {p.name: p.fingerprint for p in make_plan(local_dir, configs, names)}
+    for name in names:
+        on_slurm, here = read_manifest(slurm_dir, name), read_manifest(local_dir, name)
+        assert untimed(on_slurm) == untimed(here), name
+        assert on_slurm["fingerprint"] == plan[name] and records[name].executor == "slurm"
+    curves = [[point[3:] for point in read_manifest(d, "nerf_train")["metrics"]["curve"]] for d in (slurm_dir, local_dir)]
+    assert curves[0] == curves[1]  # held-out PSNR/SSIM at each evaluation
