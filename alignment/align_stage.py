@@ -35,7 +35,7 @@ from alignment import steerlm
 from alignment.dpo import REWARD_KEYS, check_loss_type, train_dpo
 from alignment.grpo import train_grpo
 from alignment.judge import judge
-from alignment.policy import Reference, add_lora, load_policy, prompt_ids
+from alignment.policy import Reference, load_policy, prompt_ids
 from alignment.ppo import train_ppo
 from alignment.preference_data import build_pairs, read_user_pairs
 from alignment.reward_model import (
@@ -159,7 +159,7 @@ def policy_and_reference(sft_path: Path, cfg: AlignConfig) -> tuple[PreTrainedMo
     """Return the policy to train (LoRA-wrapped with cfg.lora) and its frozen reference (no copy with LoRA)."""
     policy, _ = load_policy(sft_path)
     if cfg.lora:
-        policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+        policy = hf_lm.add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
         return policy, Reference(policy)
     return policy, Reference(policy, load_policy(sft_path)[0])
 

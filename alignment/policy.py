@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from recipes import hf_lm
 from recipes.data_parallel import DataParallel
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def device() -> torch.device:
@@ -227,21 +226,6 @@ def response_values(critic: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
     """Return (B, R) the critic's value of the state in which each response token is chosen, 0 on padding."""
     values = token_values(critic, rollout)[..., 0]  # (B, P+R)
     return values[:, rollout.prompt_width - 1 : -1] * rollout.response_mask.to(values.device)
-
-
-def lora_config(rank: int, alpha: int) -> LoraConfig:
-    """Return the LoRA settings of a policy: every projection of the Llama blocks, no dropout.
-
-    No dropout: PPO/GRPO ratios compare the policy with itself, which must be deterministic.
-    """
-    return LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"
-    )
-
-
-def add_lora(model: PreTrainedModel, rank: int, alpha: int) -> PeftModel:
-    """Return `model` wrapped with a fresh LoRA adapter (lora_config): only the adapter is trainable."""
-    return get_peft_model(model, lora_config(rank, alpha))
 
 
 class Reference:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.policy import Rollout, answer_ids, device, last_token_scores, pack, prompt_ids
+from recipes import hf_lm
 from recipes.loop_checkpoint import LoopCheckpoints, python_rng_state, set_python_rng_state
 
 
@@ -103,11 +104,7 @@ def train_loop(
     dp = checkpoints.dp
     dp.check_divides(batch_size, desc.replace(" ", "_") + " batch_size")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
-    warmup = min(settings.warmup_steps, steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(steps - warmup, 1))
-    )
+    optimizer, schedule = hf_lm.adamw_with_schedule(params, settings.learning_rate, settings.warmup_steps, steps)
     rng = random.Random(settings.seed)
     order: list[int] = []
     losses: list[float] = []

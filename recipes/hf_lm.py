@@ -13,8 +13,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from recipes.sft_recipes import LLAMA_LINEAR
 
 IGNORE = -100  # label of a position that is not scored
 MAX_PROMPT_SHARE = 0.75  # a training chat is used only if its prompt takes at most this share of max_length
@@ -25,6 +28,30 @@ def load_causal_lm(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     return model.eval(), tokenizer
+
+
+def add_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float = 0.0,
+             targets: tuple[str, ...] = LLAMA_LINEAR, use_dora: bool = False) -> PeftModel:
+    """Return `model` wrapped with a fresh peft LoRA (DoRA with `use_dora`) adapter; only the adapter is trainable.
+
+    The default, no dropout, is what the alignment policies need: PPO/GRPO
+    ratios compare the policy with itself, which must be deterministic.
+    """
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        use_dora=use_dora, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def adamw_with_schedule(params: list[torch.nn.Parameter], learning_rate: float, warmup_steps: int,
+                        steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """Return (AdamW without weight decay, its LR schedule): linear warmup over `warmup_steps` (capped at `steps`),
+    then linear decay to zero at `steps`; the schedule steps once per optimizer step."""
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    warmup = min(warmup_steps, steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(steps - warmup, 1))
+    )
+    return optimizer, schedule
 
 
 def context_length(model: PreTrainedModel, limit: int) -> int:

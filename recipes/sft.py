@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
@@ -100,16 +100,9 @@ def load_for_training(path: Path, cfg: SFTConfig, device: torch.device) -> PreTr
 
 
 def add_lora(model: PreTrainedModel, cfg: SFTConfig) -> PeftModel:
-    """Return `model` wrapped with a fresh LoRA (DoRA with cfg.use_dora) adapter; only the adapter is trainable."""
-    lora = LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-        use_dora=bool(cfg.use_dora),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
+    """Return `model` wrapped with the fresh LoRA (DoRA with cfg.use_dora) adapter of `cfg` (hf_lm.add_lora)."""
+    return hf_lm.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.target_modules),
+                          bool(cfg.use_dora))
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -172,11 +165,7 @@ def fine_tune(
     dp.check_divides(cfg.batch_size, "sft.batch_size")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    warmup, total = max(cfg.warmup_steps, 1), max(cfg.max_steps, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(total - warmup, 1)))
-    )
+    optimizer, schedule = hf_lm.adamw_with_schedule(params, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
     rng = random.Random(seed)
     order: list[int] = []
     log: dict = {"train": [], "val": [], "seconds": 0.0, "tokens": 0}

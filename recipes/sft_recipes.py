@@ -24,7 +24,8 @@ from typing import Any
 
 from recipes.stages import SFTConfig
 
-LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every block projection
+
 MODES = ("lora", "full")
 
 RECIPES: dict[str, dict[str, Any]] = {

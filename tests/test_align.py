@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from alignment.dpo import dpo_losses, log_ratios, train_dpo
-from alignment.policy import Reference, add_lora
+from alignment.policy import Reference
 from alignment.preference_data import build_pairs, read_pairs, read_user_pairs
 from alignment.reward_model import encode_pairs
 from alignment.stages import AlignConfig
@@ -180,7 +180,7 @@ def test_lora_dpo_reference_is_the_base_with_adapters_disabled(tokenizer, docs):
     cfg = AlignConfig(max_steps=8, batch_size=4, learning_rate=5e-3, warmup_steps=1, max_length=128, lora=True)
     base = build_model(tokenizer)
     original = {n: p.clone() for n, p in base.state_dict().items()}
-    policy = add_lora(base, cfg.lora_rank, cfg.lora_alpha)
+    policy = hf_lm.add_lora(base, cfg.lora_rank, cfg.lora_alpha)
     metrics, _ = train_dpo(policy, Reference(policy), tokenizer, train, val[:8], cfg, 0)
     assert metrics["val_loss_before"] == pytest.approx(0.6931, abs=1e-4)  # fresh adapter: policy == reference
     assert metrics["val_rewards_margins_after"] != 0.0 and metrics["steps"] == 8

@@ -82,3 +82,17 @@ def test_readme_stage_graph_is_the_registry():
     assert sorted(rows) == sorted(expected)
     for module in {s.run.partition(":")[0] for s in registry.stages.values()}:
         assert importlib.util.find_spec(module) is not None, module
+
+
+def test_alignment_and_multimodal_use_only_the_shared_language_model_helpers_of_recipes():
+    # README Architecture: what `alignment` and `multimodal` may import of `recipes`.
+    import ast
+    from pathlib import Path
+
+    shared = {"recipes.hf_lm", "recipes.data_parallel", "recipes.loop_checkpoint", "recipes.instructions"}
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted((root / "alignment").glob("*.py")) + sorted((root / "multimodal").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("recipes"):
+                used = {f"recipes.{a.name}" for a in node.names} if node.module == "recipes" else {node.module}
+                assert used <= shared, f"{path.name} imports {used - shared}"

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from alignment.grpo import grpo_loss, group_advantages, train_grpo
-from alignment.policy import Reference, add_lora, generate, pack, prompt_ids, response_logprobs
+from alignment.policy import Reference, generate, pack, prompt_ids, response_logprobs
 from alignment.ppo import KLController, clipped_policy_loss, clipped_value_loss, gae, kl_penalised_rewards, train_ppo
 from alignment.preference_data import build_pairs
 from alignment.reward_model import LoopSettings, encode_pairs, pairwise_accuracy, train_reward_model
@@ -201,7 +201,7 @@ def test_grpo_learns_a_planted_reward(tokenizer, docs):
 
 
 def test_lora_policy_reference_is_its_base_with_adapters_disabled(tokenizer, docs):
-    policy = add_lora(build_model(tokenizer), rank=8, alpha=16)
+    policy = hf_lm.add_lora(build_model(tokenizer), rank=8, alpha=16)
     reference = Reference(policy)
     base = build_model(tokenizer)  # the same seed: the weights under the adapter
     prompts = user_prompts(tokenizer, docs, 16)
