@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from deploy.openai_server import ServingLimits
+
 EXAMPLE_PROMPT = "The for statement"
+LIMIT_HELP = {
+    "max_body_bytes": "request body size (default: %(default)s)",
+    "max_prompts": "prompts in one /v1/completions request (default: %(default)s)",
+    "max_prompt_tokens": "tokens of one prompt; 0: the model's context less one (default: %(default)s)",
+    "max_concurrent": "requests answered at once; a stream holds its slot to its end (default: %(default)s)",
+    "max_queued": "requests waiting for a slot; more get 429 at once (default: %(default)s)",
+    "queue_timeout_s": "seconds a queued request waits for a slot, then 503 (default: %(default)s)",
+    "drain_timeout_s": "on Ctrl-C/SIGTERM, seconds requests in flight get to finish while new ones get 503 "
+                       "(default: %(default)s)",
+}
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -27,6 +40,13 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--openai-port", type=int,
                         help="also serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) on this "
                              "port, forwarding to Triton (default: off)")
+    limits = parser.add_argument_group(
+        "limits of the OpenAI front", "beyond them a request gets a JSON error naming the limit: 413 (body), "
+        "400 (prompts, prompt tokens, max_tokens over the repository's max_tokens_limit), 429 (queue full, with "
+        "Retry-After), 503 (no slot within the queue timeout; shutting down)")
+    for field in dataclasses.fields(ServingLimits):
+        limits.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default,
+                            metavar="N" if field.type == "int" else "S", help=LIMIT_HELP[field.name])
     parser.add_argument("--log-file", help="where the server log goes (default: a temporary file, removed on stop)")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models to load (default: %(default)s)")
     return parser
@@ -38,6 +58,11 @@ def serve_main(argv: list[str]) -> int:
     from deploy.repository import STREAM_SUFFIX
     from deploy.server import TritonServer, TritonStartError
 
+    try:
+        limits = ServingLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServingLimits)})
+    except ValueError as exc:
+        print(f"aigc serve: --{str(exc).replace('_', '-', 2)}", file=sys.stderr)
+        return 2
     repo = Path(args.repo) if args.repo else Path(args.run_dir) / "export" / "triton_repo"
     if not repo.is_dir():
         print(f"aigc serve: no Triton repository at {repo}: run the pipeline up to `export` first "
@@ -69,7 +94,7 @@ def serve_main(argv: list[str]) -> int:
         if args.openai_port is not None:
             from deploy.openai_server import OpenAIServer, create_app
 
-            front = OpenAIServer(create_app(server.http_url, server.repo, model), args.host, args.openai_port)
+            front = OpenAIServer(create_app(server.http_url, server.repo, model, limits), args.host, args.openai_port)
             front.start()
             openai_line = f"  OpenAI   {front.base_url} (model {model})\n"
         print(
@@ -90,7 +115,10 @@ def serve_main(argv: list[str]) -> int:
         return 0
     finally:
         if front is not None:
-            front.stop()
+            left = front.stop()
+            if left:
+                print(f"aigc serve: {left} requests were still in flight after {front.gate.limits.drain_timeout_s:g} s "
+                      "(--drain-timeout-s) and were cut off", file=sys.stderr)
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

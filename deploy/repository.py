@@ -55,6 +55,7 @@ def config_pbtxt(name: str, spec: ExportConfig, files: str, decoupled: bool) -> 
         "checkpoint": f"{files}/hf",
         "max_tokens_limit": str(spec.max_tokens_limit),
         "torch_threads": str(spec.torch_threads),
+        "max_queue_size": str(spec.max_queue_size),
     }
     if spec.backend == "onnx":
         from deploy.llm_runtime.kv_lm import ONNX_FILE
@@ -70,7 +71,8 @@ def config_pbtxt(name: str, spec: ExportConfig, files: str, decoupled: bool) -> 
     if decoupled:
         scheduling = "model_transaction_policy { decoupled: true }"
     else:
-        scheduling = f"dynamic_batching {{ max_queue_delay_microseconds: {spec.max_queue_delay_us} }}"
+        scheduling = (f"dynamic_batching {{ max_queue_delay_microseconds: {spec.max_queue_delay_us} "
+                      f"default_queue_policy {{ max_queue_size: {spec.max_queue_size} }} }}")
     return (
         f'name: "{name}"\n'
         'backend: "python"\n'

@@ -18,6 +18,7 @@ class ExportConfig:
     stream_model: bool = True  # also write the decoupled `<model_name>_stream` model (gRPC streaming)
     max_batch_size: int = 32  # rows decoded together: Triton's dynamic batches, the stream model's batch
     max_queue_delay_us: int = 2000  # how long Triton waits to fill a batch
+    max_queue_size: int = 256  # requests waiting per model (Triton's queue policy, the stream model's queue); beyond: refused
     max_tokens_limit: int = 512  # requests asking for more new tokens are rejected
     torch_threads: int = 1  # torch threads inside the Triton python backend
 

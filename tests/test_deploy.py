@@ -8,6 +8,7 @@ module; answers are compared with transformers' generate() on the same checkpoin
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -520,7 +521,11 @@ def test_openai_bad_requests_get_4xx_json_errors_and_the_front_keeps_serving(ser
         ("completions", {"model": "ensemble", "prompt": "", "max_tokens": 4}, 400, "text_input is empty"),
         ("completions", {"model": "ensemble", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens must be between"),
         ("completions", {"model": "ensemble", "prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens must be between"),
-        ("completions", {"model": "ensemble", "prompt": "word " * 200, "max_tokens": 4}, 400, "exceeds the model's context"),
+        ("completions", {"model": "ensemble", "prompt": "word " * 200, "max_tokens": 4}, 400,
+         "tokens, over the limit of 127 (max_prompt_tokens; the model's context is 128)"),
+        ("completions", {"model": "ensemble", "prompt": "word " * 20, "max_tokens": 100}, 400,
+         "exceeds the model's context"),
+        ("completions", {"model": "ensemble", "prompt": ["hi"] * 33}, 400, "33 prompts in one request"),
         ("completions", {"model": "ensemble", "prompt": "hi", "max_tokens": 0, "stream": True}, 400, "max_tokens must"),
         ("completions", {"model": "ensemble"}, 400, "prompt"),
         ("completions", {"model": "ensemble", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
@@ -548,6 +553,84 @@ def test_openai_bad_requests_get_4xx_json_errors_and_the_front_keeps_serving(ser
         client.completions.create(model="ensemble", prompt="hi", max_tokens=-1)
     good = client.completions.create(model="ensemble", prompt=PROMPTS[1], max_tokens=6, temperature=0)
     assert good.choices[0].text == reference(PROMPTS[1], 6)
+
+
+@pytest.mark.slow
+def test_openai_front_limits_against_the_real_server(served, repo, reference):
+    """A second front, in this process, on the same Triton, with small limits: each one answered with its error."""
+    import httpx
+    import openai
+
+    from deploy.openai_server import OpenAIServer, ServingLimits, create_app
+
+    limits = ServingLimits(max_body_bytes=4000, max_prompts=2, max_prompt_tokens=16, max_concurrent=2, max_queued=2)
+    front = OpenAIServer(create_app(served.http_url, repo, "ensemble", limits))
+    front.start()
+    try:
+        with httpx.Client(base_url=front.base_url, timeout=120) as http:
+            big = http.post("/completions", json={"model": "ensemble", "prompt": "x" * 5000})
+            assert big.status_code == 413 and "max_body_bytes" in big.json()["error"]["message"]
+            many = http.post("/completions", json={"model": "ensemble", "prompt": ["a", "b", "c"]})
+            assert many.status_code == 400 and "over the limit of 2 (max_prompts)" in many.json()["error"]["message"]
+            long = http.post("/chat/completions", json={"model": "ensemble",
+                                                         "messages": [{"role": "user", "content": "word " * 30}]})
+            assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+
+        async def burst():  # 12 at once: 2 answered, 2 queued, 8 refused with 429
+            async with httpx.AsyncClient(base_url=front.base_url, timeout=120) as http:
+                body = {"model": "ensemble", "prompt": PROMPTS[0], "max_tokens": 48, "temperature": 0}
+                return await asyncio.gather(*(http.post("/completions", json=body) for _ in range(12)))
+
+        responses = asyncio.run(burst())
+        served_ok = [r for r in responses if r.status_code == 200]
+        refused = [r for r in responses if r.status_code == 429]
+        assert len(served_ok) + len(refused) == 12 and len(served_ok) >= 4 and refused, [r.text for r in responses]
+        assert all(r.json()["choices"][0]["text"] == reference(PROMPTS[0], 48) for r in served_ok)
+        assert "max_concurrent 2" in refused[0].json()["error"]["message"]
+        client = openai.OpenAI(base_url=front.base_url, api_key="unused", max_retries=0)
+        answer = client.completions.create(model="ensemble", prompt=PROMPTS[1], max_tokens=6, temperature=0)
+        assert answer.choices[0].text == reference(PROMPTS[1], 6)  # the front kept serving
+    finally:
+        assert front.stop() == 0
+
+
+@pytest.mark.slow
+def test_stopping_the_front_drains_streams_in_flight(served, repo, reference):
+    import httpx
+
+    from deploy.openai_server import OpenAIServer, ServingLimits, create_app
+
+    front = OpenAIServer(create_app(served.http_url, repo, "ensemble", ServingLimits(drain_timeout_s=60)))
+    front.start()
+    body = {"model": "ensemble", "prompt": PROMPTS[2], "max_tokens": 100, "temperature": 0, "stream": True}
+    events: list[str] = []
+    opened = threading.Event()
+
+    def stream():
+        with httpx.Client(base_url=front.base_url, timeout=120) as http:
+            with http.stream("POST", "/completions", json=body) as response:
+                for line in response.iter_lines():
+                    opened.set()
+                    if line.startswith("data:"):
+                        events.append(line[5:].strip())
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert opened.wait(60)
+    stopper = threading.Thread(target=lambda: events.append(f"left={front.stop()}"))
+    stopper.start()
+    time.sleep(0.2)
+    with httpx.Client(base_url=front.base_url, timeout=30) as http:  # while draining: 503, or the socket is closed
+        try:
+            late = http.post("/completions", json={"model": "ensemble", "prompt": "hi", "max_tokens": 2})
+            assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+        except httpx.ConnectError:
+            pass
+    reader.join(120)
+    stopper.join(120)
+    assert events[-1] == "left=0" and events[-2] == "[DONE]"  # the stream ran to its end
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2])
+    assert text == reference(PROMPTS[2], 100)
 
 
 @pytest.mark.slow

@@ -40,6 +40,10 @@ class Request:
     on_error: Callable[[Exception], None] | None = None
 
 
+class Overloaded(RuntimeError):
+    """The decoder's queue is full."""
+
+
 class _Row:
     """A request being decoded."""
 
@@ -54,13 +58,14 @@ class BatchDecoder:
     """Decodes requests in one continuously refilled batch of at most `max_rows` rows.
 
     `step` is a kv_lm step function; `on_step(rows)` (optional) is told the batch size of
-    every decode step.
+    every decode step. At most `max_pending` submitted requests wait for a row: submit()
+    refuses more (Overloaded), so a flood of requests cannot grow the queue without bound.
     """
 
     def __init__(self, step, tokenizer, eos_id: int | None, pad_id: int, max_rows: int = 64,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None, max_pending: int = 256):
         self.step, self.tokenizer, self.eos_id, self.pad_id = step, tokenizer, eos_id, pad_id
-        self.max_rows, self.on_step = max_rows, on_step
+        self.max_rows, self.on_step, self.max_pending = max_rows, on_step, max_pending
         self._pending: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -77,8 +82,14 @@ class BatchDecoder:
     # -- entry points ---------------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
-        """Queue a request; the decoding thread (start()) admits it at its next step."""
+        """Queue a request; the decoding thread (start()) admits it at its next step.
+
+        Raises Overloaded where `max_pending` requests already wait.
+        """
         with self._wake:
+            if len(self._pending) >= self.max_pending:
+                raise Overloaded(f"the model's queue is full: {len(self._pending)} requests wait for one of "
+                                 f"{self.max_rows} rows (max_queue_size {self.max_pending}); retry later")
             self._pending.append(request)
             self._wake.notify()
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # llm_runtime lies nex
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from llm_runtime.batch_decoder import BatchDecoder, Request  # noqa: E402
+from llm_runtime.batch_decoder import BatchDecoder, Overloaded, Request  # noqa: E402
 from llm_runtime.kv_lm import load_step  # noqa: E402
 from llm_runtime.sampling import sampling_for  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer  # noqa: E402
@@ -71,7 +71,8 @@ class TritonPythonModel:
         else:
             step = load_step(backend, checkpoint, weights, threads)
             self.decoder = BatchDecoder(step, self.tokenizer, eos_id, pad_id, max_rows=int(config["max_batch_size"]),
-                                        on_step=self._step_metrics(args["model_name"]))
+                                        on_step=self._step_metrics(args["model_name"]),
+                                        max_pending=int(params.get("max_queue_size", "256")))
         if self.decoupled:
             self.decoder.start()
 
@@ -172,7 +173,8 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", out)]))
 
         def send_error(exc):
-            message = str(exc) if isinstance(exc, BadRequest) else f"generation failed: {type(exc).__name__}: {exc}"
+            plain = isinstance(exc, (BadRequest, Overloaded))
+            message = str(exc) if plain else f"generation failed: {type(exc).__name__}: {exc}"
             sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)), flags=final)
 
         try:
@@ -186,7 +188,10 @@ class TritonPythonModel:
             return
         job = jobs[0]
         job.on_piece, job.on_done, job.on_error = send_piece, lambda text: sender.send(flags=final), send_error
-        self.decoder.submit(job)
+        try:
+            self.decoder.submit(job)
+        except Overloaded as exc:
+            send_error(exc)
 
 
 def _read(request, name):
