@@ -90,6 +90,29 @@ def _die_with_parent() -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# Runs beside each tritonserver, in a session of its own (a SIGKILL of the caller's process group
+# does not reach it): when the process that started the server is gone without stopping it, it
+# kills the server's process group (the python stubs too: they outlive a server that dies while
+# they load) and removes its temporary directory and shared memory. It ends with the server.
+WATCHDOG = r"""
+import glob, os, shutil, signal, sys, time
+parent, group, tmp, shm = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+while os.getppid() == parent:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        sys.exit(0)
+    time.sleep(0.5)
+try:
+    os.killpg(group, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+shutil.rmtree(tmp, ignore_errors=True)
+for region in glob.glob(shm + "*"):
+    os.unlink(region)
+"""
+
+
 class TritonServer:
     """A tritonserver process serving `repo` on `host`; a context manager (start ... stop).
 
@@ -127,6 +150,7 @@ class TritonServer:
         self.start_to_ready_s: float | None = None
         self._proc: subprocess.Popen | None = None
         self._tmp: Path | None = None
+        self._watchdog: subprocess.Popen | None = None
         self._log_path: Path | None = None
         self._shm_prefix = f"aigc_triton_{os.getpid()}_{secrets.token_hex(4)}_"
 
@@ -201,6 +225,11 @@ class TritonServer:
                 start_new_session=True,  # own process group: its stubs die with it, Ctrl-C reaches us only
                 preexec_fn=_die_with_parent,
             )
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(self._proc.pid), str(self._tmp),
+             f"{SHM_DIR}/{self._shm_prefix}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
 
     def _backend_dir(self, tmp: Path) -> Path:
         """Return a backend directory holding the python backend and this Python's stub."""
@@ -300,6 +329,13 @@ class TritonServer:
             code = self._proc.returncode
             self._reap_group(group)
             self._proc = None
+        if self._watchdog is not None:  # it ends once the group is gone
+            try:
+                self._watchdog.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+                self._watchdog.wait()
+            self._watchdog = None
         return code
 
     @staticmethod

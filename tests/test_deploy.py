@@ -695,6 +695,27 @@ def test_server_restarts_after_a_crash_and_reports_a_failed_load(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_sigkilled_owner_takes_its_server_stubs_and_files_with_it(tmp_path):
+    """SIGKILL of the process (group) that started Triton: its watchdog removes the server, stubs, files."""
+    repo = trivial_repo(tmp_path / "orphan", "identity", "class TritonPythonModel:\n    pass\n")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from deploy.server import TritonServer\n"
+         "s = TritonServer(sys.argv[1], ready_timeout_s=120); s.start()\n"
+         "print(s._tmp, s._shm_prefix, flush=True); time.sleep(600)", str(repo)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    tmp, shm_prefix = owner.stdout.readline().split()
+    assert len(processes_mentioning(str(repo))) >= 2  # tritonserver and its stub
+    assert list(Path("/dev/shm").glob(shm_prefix + "*"))
+    os.killpg(owner.pid, signal.SIGKILL)
+    owner.wait()
+    deadline = time.monotonic() + 30
+    while processes_mentioning(str(repo)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_mentioning(str(repo)) == {}
+    assert not Path(tmp).exists() and not list(Path("/dev/shm").glob(shm_prefix + "*"))
+
+
+@pytest.mark.slow
 def test_export_and_serve_stages_through_the_runner(checkpoint, reference, tmp_path):
     from pipeline import manifest as mf
     from pipeline.presets import resolve_configs

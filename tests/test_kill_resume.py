@@ -74,6 +74,22 @@ def kill_at(run_dir: Path, stage: str, configs_json: str, seconds: float) -> boo
     return alive
 
 
+def leftovers(run_dir: Path, wait_s: float = 15.0) -> list[str]:
+    """Return the command lines of processes still mentioning `run_dir` after up to `wait_s` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            line = " ".join(proc.info["cmdline"] or [])
+            if str(run_dir) in line:
+                found.append(line[:200])
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def check_kill_and_resume(tmp_path: Path, upstream_dir: Path, stage: str, configs_json: str, draw: random.Random):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     for target in (reference_dir, killed_dir):
@@ -85,6 +101,7 @@ def check_kill_and_resume(tmp_path: Path, upstream_dir: Path, stage: str, config
     alive = kill_at(killed_dir, stage, configs_json, moment)
     visible = killed_dir / stage
     assert not visible.exists() or (visible / "manifest.json").is_file(), context  # nothing half-written visible
+    assert leftovers(killed_dir) == [], context  # nothing it started outlives it (Triton and its stubs)
     run(killed_dir, stage, configs_json)  # the same command again
     assert comparable(manifest(killed_dir, stage)) == comparable(manifest(reference_dir, stage)), context
     assert not (killed_dir / f"{stage}.tmp").exists(), context
