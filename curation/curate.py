@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,18 +67,37 @@ class TooManyRejectsError(RuntimeError):
 
 @contextlib.contextmanager
 def ray_cluster(address: str, num_cpus: int) -> Iterator[None]:
-    """Start a fresh local Ray (no dashboard, no auth) or join `address`; shut it down on exit."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    """Join the Ray cluster at `address` or start a fresh local Ray (no dashboard); shut it down on exit.
+
+    Yields nothing. Auth is the environment's: the Slurm ray launcher exports its
+    job's token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH). A local Ray gets a
+    token of this process (`give_local_ray_a_token`).
+    """
     import ray
 
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        give_local_ray_a_token()
         start_local_ray(num_cpus)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def give_local_ray_a_token() -> None:
+    """Put a random token in RAY_AUTH_TOKEN unless RAY_AUTH_MODE or a token is already set; returns None.
+
+    A local Ray is not private to this machine: Ray advertises the node's
+    address, never 127.0.0.1, and its servers listen on every interface. With
+    RAY_AUTH_MODE unset, `ray.init` of a new local Ray turns token auth on; the
+    token then lives only in the environment of this process and its Ray
+    processes, not in ~/.ray/auth_token. The same token serves every later
+    local Ray of this process (Ray caches it).
+    """
+    if not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def start_local_ray(num_cpus: int) -> None:

@@ -3,8 +3,9 @@
 Launchers: `none` runs the task once per Slurm task; `torchrun` (NeMo-Run's
 Torchrun launcher) starts nodes x processes-per-node ranks with a c10d
 rendezvous on the first node; `ray` starts a Ray cluster across the
-allocation (head on the first node, one worker per other node) and runs the
-task on the head with RAY_ADDRESS set.
+allocation (head on the first node, one worker per other node; token auth
+with a per-job token, no dashboard) and runs the task on the head with
+RAY_ADDRESS set.
 
 Every job carries `--kill-on-invalid-dep=yes`: when a whole chain is
 submitted at once (afterok dependencies), a failed stage cancels its
@@ -25,16 +26,28 @@ JOB_NAME_PREFIX = "aigc."  # NeMo-Run reads the task name after the last dot of 
 # command with RAY_ADDRESS set, then flags the end on the shared job directory so the
 # workers leave cleanly. Each node stops only the Ray it started (`ray start --block`
 # in the background, then a signal to it), never other Ray instances on the node.
+# Token auth: node 0 writes a fresh random token, readable by the job's user only, into
+# the job directory (shared with the nodes); the head, the workers and the stage's
+# driver all read it through RAY_AUTH_TOKEN_PATH, and node 0 deletes it on exit.
+# Clients without it are refused (Unauthenticated / InvalidAuthToken). No dashboard:
+# the stage does not use it, so it listens nowhere. Each job has its own GCS and Ray
+# client ports (two per job id, so jobs sharing a node never collide).
 RAY_TEMPLATE = r"""# aigc ray launcher: a Ray cluster across the allocation; the stage runs on the head node.
-export RAY_AUTH_MODE=disabled
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 head_ip=$(getent ahostsv4 "$head" | awk 'NR == 1 {print $1}')
-port=$(( {{ base_port }} + SLURM_JOB_ID % 1000 ))
+port=$(( {{ base_port }} + SLURM_JOB_ID % 1000 * 2 ))
 export RAY_ADDRESS="$head_ip:$port"
-done_flag="$PWD/.ray_done_$SLURM_JOB_ID"
+attempt="${SLURM_JOB_ID}_${SLURM_RESTART_COUNT:-0}"
+done_flag="$PWD/.ray_done_$attempt"
+unset RAY_AUTH_TOKEN
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH="$PWD/.ray_token_$attempt"
 cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
 if [ "${SLURM_NODEID:-0}" = "0" ]; then
-    trap 'touch "$done_flag"' EXIT
+    trap 'rm -f "$RAY_AUTH_TOKEN_PATH" "$RAY_AUTH_TOKEN_PATH.new"; touch "$done_flag"' EXIT
+    (umask 077 && rm -f "$RAY_AUTH_TOKEN_PATH.new" \
+        && python -c 'import secrets; print(secrets.token_hex(32), end="")' > "$RAY_AUTH_TOKEN_PATH.new" \
+        && mv "$RAY_AUTH_TOKEN_PATH.new" "$RAY_AUTH_TOKEN_PATH") || exit 1
     ray start --head --block --node-ip-address="$head_ip" --port="$port" --ray-client-server-port=$((port + 1)) \
         --num-cpus="$cpus" --include-dashboard=false --disable-usage-stats &
     ray_pid=$!
@@ -65,6 +78,8 @@ EOF
     kill "$ray_pid"; wait "$ray_pid"
     exit $status
 else
+    waited=0
+    while [ ! -s "$RAY_AUTH_TOKEN_PATH" ] && [ $waited -lt {{ join_timeout_s }} ]; do sleep 2; waited=$((waited + 2)); done
     ray start --block --address="$RAY_ADDRESS" --num-cpus="$cpus" --disable-usage-stats &
     ray_pid=$!
     while [ ! -e "$done_flag" ] && kill -0 "$ray_pid" 2>/dev/null; do sleep 5; done

@@ -4,6 +4,8 @@ Stage `b` counts in steps, checkpointing its progress in its work directory, so 
 kill in the middle can be resumed; env TOY_SLEEP_S makes it sleep between steps.
 Stage `r` (a -> r, registered but not in the chain) is run by every rank of
 a multi-process launch: each writes `rank<N>.txt` and all-reduces its rank (gloo).
+`ray_probe_task` runs a stage under the Slurm ray launcher after trying its Ray
+cluster without the job's token and with it.
 """
 
 from __future__ import annotations
@@ -122,3 +124,32 @@ def toy_stage_task(run_dir: str, name: str, configs_json: str, output_dir: str =
     from pipeline.runner import stage_task
 
     stage_task(run_dir, name, configs_json, output_dir)
+
+
+STRANGER_JOINS = "import os, ray; ray.init(address=os.environ['RAY_ADDRESS'], log_to_driver=False)"
+
+
+def ray_probe_task(run_dir: str, name: str, configs_json: str, output_dir: str = "") -> None:
+    """NeMo-Run task body under the ray launcher: probe the job's Ray cluster, then run the stage.
+
+    Writes `ray_probe.json` in `run_dir`: the token file's path and mode, what
+    a driver without the token got (a child process with no RAY_AUTH_* variable:
+    exit code and stderr), and what this task's own driver got.
+    """
+    import subprocess
+    import sys
+
+    import ray
+
+    token_path = os.environ["RAY_AUTH_TOKEN_PATH"]
+    stranger_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    stranger = subprocess.run([sys.executable, "-c", STRANGER_JOINS], env=stranger_env,
+                              capture_output=True, text=True, timeout=300)
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    ours = ray.get(ray.remote(lambda: "ran").remote())
+    ray.shutdown()
+    probe = {"token_path": token_path, "token_mode": oct(os.stat(token_path).st_mode & 0o777),
+             "stranger_rc": stranger.returncode, "stranger_err": stranger.stderr[-4000:], "ours": ours}
+    with open(os.path.join(run_dir, "ray_probe.json"), "w") as f:
+        json.dump(probe, f)
+    toy_stage_task(run_dir, name, configs_json, output_dir)

@@ -6,7 +6,8 @@ work: Curator's own heuristic filters score the rules they share, exact set
 Jaccard checks MinHash, pyarrow/gzip write the inputs, megatron-core's
 IndexedDataset reads the token data, transformers' AutoTokenizer loads the
 tokenizer. The two slow tests run the real curate stage (NeMo Curator on a
-local Ray) through pipeline.runner.execute_stage, one of them killed midway.
+local Ray) through pipeline.runner.execute_stage, one of them killed midway;
+another checks that a local Ray refuses a driver without its token.
 """
 
 from __future__ import annotations
@@ -886,6 +887,34 @@ def test_killed_curate_leaves_no_visible_output_and_a_rerun_is_identical(shipped
     assert json.loads((tmp_path / "curate" / "manifest.json").read_text())["status"] == "completed"
     assert not (tmp_path / "curate.tmp").exists()
     assert stage_files(tmp_path / "curate") == stage_files(shipped_run[0] / "curate")
+
+
+LOCAL_RAY_AND_A_STRANGER = """
+import json, os, subprocess, sys
+import ray
+from curation.curate import ray_cluster
+with ray_cluster("", 1):
+    address = ray.get_runtime_context().gcs_address
+    ours = ray.get(ray.remote(lambda: "ran").remote())
+    stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    join = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False)"
+    other = subprocess.run([sys.executable, "-c", join, address], env=stranger, capture_output=True, text=True)
+print(json.dumps({"address": address, "ours": ours, "rc": other.returncode, "err": other.stderr[-4000:]}))
+"""
+
+
+@pytest.mark.slow
+def test_local_ray_refuses_a_driver_without_its_token(tmp_path):
+    """A local Ray listens beyond 127.0.0.1, so it runs with a token of its process; a stranger is refused."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # where Ray would write a token file of its own (~/.ray/auth_token)
+    out = subprocess.run([sys.executable, "-c", LOCAL_RAY_AND_A_STRANGER], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["ours"] == "ran"
+    assert result["rc"] != 0 and "InvalidAuthToken" in result["err"], result
+    assert not (tmp_path / ".ray").exists()
 
 
 @pytest.mark.slow

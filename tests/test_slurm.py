@@ -152,6 +152,11 @@ def test_ray_launcher_script(tmp_path, toy):
     assert "#SBATCH --nodes=3" in script and "#SBATCH --ntasks-per-node=1" in script
     assert "ray start --head --block" in script and 'ray start --block --address="$RAY_ADDRESS"' in script
     assert "python -m nemo_run.core.runners.fdl_runner -n a" in script
+    # token auth with a fresh token per job, private to its user, removed at the end; no dashboard
+    assert "RAY_AUTH_MODE=disabled" not in script and "export RAY_AUTH_MODE=token" in script
+    assert 'export RAY_AUTH_TOKEN_PATH="$PWD/.ray_token_' in script and "unset RAY_AUTH_TOKEN\n" in script
+    assert "(umask 077 && " in script and "secrets.token_hex(32)" in script
+    assert 'trap \'rm -f "$RAY_AUTH_TOKEN_PATH"' in script and "--include-dashboard=false" in script
 
 
 # ---- against the loopback cluster ----
@@ -265,11 +270,16 @@ def test_stage_runs_as_the_tasks_of_its_job(slurm_cluster, toy, monkeypatch, tmp
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_ray_launcher_starts_a_ray_cluster_for_the_stage(slurm_cluster, toy, tmp_path):
-    states = run_stages(tmp_path, toy.configs(), ["a"], executor="slurm", task=toy.toy_stage_task,
+    # The job's Ray refuses a driver without its token and accepts the stage's; the token is private and goes.
+    states = run_stages(tmp_path, toy.configs(), ["a"], executor="slurm", task=toy.ray_probe_task,
                         profile=loopback_profile(a={"launcher": "ray"}))
-    assert states == {"a": "completed"}
     log = jobs.stage_logs(jobs.read_records(tmp_path)["a"])
+    assert states == {"a": "completed"}, log[-3000:]
     assert "[aigc] Ray cluster up: 1 node(s)" in log and "[aigc] a: completed" in log
+    probe = json.loads((tmp_path / "ray_probe.json").read_text())
+    assert probe["stranger_rc"] != 0 and "InvalidAuthToken" in probe["stranger_err"], probe
+    assert probe["ours"] == "ran" and probe["token_mode"] == "0o600"
+    assert not os.path.exists(probe["token_path"])  # deleted when the job ended
 
 
 @pytest.mark.slurm
