@@ -68,15 +68,19 @@ def serve_main(argv: list[str]) -> int:
         print(f"aigc serve: no Triton repository at {repo}: run the pipeline up to `export` first "
               f"(aigc run), or pass --repo", file=sys.stderr)
         return 2
-    server = TritonServer(
-        repo,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_file=Path(args.log_file) if args.log_file else None,
-        ready_timeout_s=args.ready_timeout,
-    )
+    try:
+        server = TritonServer(
+            repo,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            log_file=Path(args.log_file) if args.log_file else None,
+            ready_timeout_s=args.ready_timeout,
+        )
+    except FileNotFoundError as exc:  # a directory that holds no model (no */config.pbtxt)
+        print(f"aigc serve: {exc}: pass --repo RUN_DIR/export/triton_repo of a completed export", file=sys.stderr)
+        return 2
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     front = None
@@ -147,7 +151,8 @@ def query_parser() -> argparse.ArgumentParser:
 
 
 def query_main(argv: list[str]) -> int:
-    """Run `aigc query`; return 0 after printing the answer, 1 on a server or connection error."""
+    """Run `aigc query`; return 0 after printing the answer, 1 on a server or connection error (one line), 2 on a
+    usage error."""
     parser = query_parser()
     args = parser.parse_args(argv)
     protocol = args.protocol or ("grpc" if args.stream else "http")
@@ -158,6 +163,9 @@ def query_main(argv: list[str]) -> int:
     from deploy.client import DEFAULT_PORTS, ServerError, TextClient
 
     url = args.url or f"localhost:{DEFAULT_PORTS[protocol]}"
+    host, _, port = url.rpartition(":")
+    if "://" in url or not host or not port.isdigit():  # tritonclient would fail with a traceback
+        parser.error(f"--url {url!r}: expected HOST:PORT without a scheme, e.g. localhost:{DEFAULT_PORTS[protocol]}")
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
                 "stop": args.stop}
     try:

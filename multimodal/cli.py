@@ -23,12 +23,7 @@ import re
 import sys
 from pathlib import Path
 
-from rich.markup import escape
-
-from pipeline import jobs
-from pipeline.cli import add_run_options, cmd_run_locked, console
-from pipeline.config import ConfigError
-from pipeline.run_lock import RunDirLocked
+from pipeline.cli import CLI_ERRORS, add_run_options, cmd_run_locked, print_error
 
 from multimodal.stages import NERF_ORDER, STAGES, T2I_ORDER
 
@@ -61,8 +56,8 @@ def _run_stage(args: argparse.Namespace, chain: str, stage: str) -> int:
     """Run `stage` of the registered chain `chain` (and its upstream) on the pipeline's runner; return the exit code."""
     try:
         return cmd_run_locked(args, target=stage, chain=chain)
-    except (ConfigError, KeyError, jobs.ClusterError, RunDirLocked) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+    except CLI_ERRORS as exc:
+        print_error(exc)
         return 2
 
 
@@ -159,18 +154,28 @@ def nerf_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def pose_values(text: str) -> list[float]:
+    """Return the numbers of a --pose: 2 or 3 (AZIMUTH,ELEVATION[,RADIUS]) or 16; raise ValueError otherwise."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--pose {text!r}: expected comma-separated numbers, AZIMUTH,ELEVATION[,RADIUS] "
+                         "or 16 of a 4x4 matrix") from None
+    if len(values) not in (2, 3, 16):
+        raise ValueError(f"--pose: expected AZIMUTH,ELEVATION[,RADIUS] or 16 numbers, got {len(values)} numbers")
+    return values
+
+
 def parse_pose(text: str, radius: float):
     """Return a 4×4 camera-to-world matrix from 'az,el[,r]' (degrees) or 16 row-major numbers."""
     import numpy as np
 
     from multimodal.nerf_scene import orbit_pose
 
-    values = [float(v) for v in text.split(",")]
+    values = pose_values(text)
     if len(values) == 16:
         return np.array(values, dtype=np.float32).reshape(4, 4)
-    if len(values) in (2, 3):
-        return orbit_pose(values[0], values[1], values[2] if len(values) == 3 else radius)
-    raise ValueError(f"--pose: expected AZIMUTH,ELEVATION[,RADIUS] or 16 numbers, got {len(values)} numbers")
+    return orbit_pose(values[0], values[1], values[2] if len(values) == 3 else radius)
 
 
 def nerf_main(argv: list[str]) -> int:
@@ -178,6 +183,12 @@ def nerf_main(argv: list[str]) -> int:
     args = nerf_parser().parse_args(argv)
     if args.command in stage_commands(NERF_ORDER):
         return _run_stage(args, "nerf", stage_commands(NERF_ORDER)[args.command])
+    if not args.turntable:
+        try:
+            pose_values(args.pose)  # a bad pose is refused before anything loads
+        except ValueError as exc:
+            print(f"aigc nerf render: {exc}", file=sys.stderr)
+            return 2
     from multimodal.nerf_train import MODEL_DIR
 
     run_dir = Path(args.run_dir)

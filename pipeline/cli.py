@@ -38,6 +38,22 @@ RUN_CONFIG_FILE = "config.json"
 
 console = Console()
 
+# what a command may raise for a user's mistake or an unreachable cluster: one `error:` line, no traceback
+CLI_ERRORS = (ConfigError, KeyError, jobs.ClusterError, RunDirLocked)
+
+
+def error_text(exc: BaseException) -> str:
+    """Return the text of `exc` on one line (a KeyError's without its quotes; a list of problems joined by `;`)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    lines = [line.strip().removeprefix("- ") for line in text.splitlines() if line.strip()] or [type(exc).__name__]
+    return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+
+
+def print_error(exc: BaseException) -> None:
+    """Print `exc` as one `error:` line, its text literal (never read as rich markup)."""
+    console.print(f"[red]error:[/red] {escape(error_text(exc))}", soft_wrap=True)
+
+
 OVERRIDES_HELP = (
     "key=value overrides: `stage.field=value` sets a stage setting (e.g. pretrain.max_steps=50), "
     "`field=value` a run-wide one (threads=2, seed=7); in `aigc <stage>` a bare field is that stage's "
@@ -122,7 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    return Path(args.run_dir or f"runs/{args.config}")
+    """Return the run directory of `args`; raise ConfigError where the path is a file."""
+    run_dir = Path(args.run_dir or f"runs/{args.config}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a run directory")
+    return run_dir
+
+
+def _existing_run_dir(path: str) -> Path:
+    """Return `path` as the run directory of a command that reads one; raise ConfigError where there is none."""
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise ConfigError(f"no run directory at {run_dir}: nothing has run there (pass --run-dir DIR)")
+    return run_dir
 
 
 def _print_plan(plan: list, executor: str) -> None:
@@ -218,6 +246,10 @@ def _qualify(override: str, stage: str) -> str:
 
 def cmd_run(args: argparse.Namespace, target: str | None = None, chain: str = DEFAULT_CHAIN) -> int:
     """Run the registered chain `chain` (or `target` and its upstream); return the process exit code."""
+    nproc = args.nproc_per_node
+    if nproc is not None and (nproc < 1 or (nproc > 1 and args.executor != "local")):  # before any work
+        raise ConfigError(f"--nproc-per-node {args.nproc_per_node}: a positive number of ranks, for the local "
+                          "executor; on Slurm set ntasks_per_node / gpus_per_node in the cluster profile")
     overrides = [_qualify(o, target) for o in args.overrides] if target else list(args.overrides)
     output_dir = ""
     if target == "curate" and args.input:
@@ -230,7 +262,7 @@ def cmd_run(args: argparse.Namespace, target: str | None = None, chain: str = DE
     if output_dir:
         names = ["curate"]
     profile = load_profile(args.cluster_profile, args.cluster) if args.executor == "slurm" else None
-    nproc = args.nproc_per_node or _saved_world_size(run_dir)
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else _saved_world_size(run_dir)
     if set_world_size(configs, names, args.executor, profile, nproc) > 1:  # `aigc status` plans with it too
         overrides.append(f"world_size={configs['run'].world_size}")
     if configs["run"].stage_ranks:
@@ -238,9 +270,11 @@ def cmd_run(args: argparse.Namespace, target: str | None = None, chain: str = DE
     plan = make_plan(run_dir, configs, names)
     if output_dir:
         plan[0].cached = stage_state(Path(output_dir), plan[0].fingerprint)[0] == "completed"
+    stage_plans = _check_stage_plans(plan, configs, args.executor)  # a setting a stage would refuse: say so now
     _print_plan(plan, args.executor)
     if args.dry_run:
-        _print_stage_plans(plan, configs, args.executor)
+        for description in stage_plans:
+            console.print(description)
         if profile:
             todo = [p.name for p in plan if not p.cached]
             for name, script in sbatch_scripts(run_dir, configs, todo, profile).items():
@@ -289,26 +323,41 @@ def cmd_run_locked(args: argparse.Namespace, target: str | None = None, chain: s
         return cmd_run(args, target, chain)
 
 
-def _print_stage_plans(plan: list, configs: dict[str, Any], executor: str) -> None:
-    """Print what each stage to run says of itself in a dry run (e.g. pretrain: layout and memory per rank)."""
+def _check_stage_plans(plan: list, configs: dict[str, Any], executor: str) -> list:
+    """Return what each stage to run says of itself for a dry run (e.g. pretrain: layout and memory per rank).
+
+    Raises ConfigError, one line, where a stage would refuse its settings (a layout that does not fit, an
+    unknown model), before any stage runs.
+    """
+    descriptions = []
     for item in plan:
         describe = get_stage(item.name).load_dry_run()
         if item.cached or describe is None:
             continue
         world = configs["run"].ranks_of(item.name, get_stage(item.name).multi_rank)
         try:
-            console.print(describe(configs[item.name], world, executor))
-        except ValueError as exc:  # a layout the stage would refuse: say why now
-            raise ConfigError(f"{item.name}: {exc}") from None
+            descriptions.append(describe(configs[item.name], world, executor))
+        except (ValueError, KeyError) as exc:  # a setting the stage would refuse: say why now
+            raise ConfigError(f"{item.name}: {error_text(exc)}") from None
+    return descriptions
 
 
 def cmd_logs(run_dir: Path, stage: str) -> int:
-    """Print the log of `stage`'s last job; return the exit code."""
+    """Print the log of `stage`'s last job; return the exit code (1 where it has none).
+
+    Raises KeyError for an unknown stage, jobs.ClusterError where its cluster cannot be reached.
+    """
+    get_stage(stage)
     record = jobs.read_records(run_dir).get(stage)
     if record is None:
-        console.print(f"no job of stage {stage!r} recorded in {run_dir}/{jobs.JOBS_DIR}/", style="red", markup=False)
+        console.print(f"no job of stage {stage!r} recorded in {run_dir}/{jobs.JOBS_DIR}/", style="red", markup=False,
+                      soft_wrap=True)
         return 1
-    console.rule(Text(f"{stage}: {jobs.job_summary(record, jobs.slurm_states({stage: record}).get(stage))}"))
+    state = jobs.slurm_states({stage: record}).get(stage)
+    if state is not None and state.unreachable:
+        raise jobs.ClusterError(f"cannot reach the cluster of job {record.job_id} ({stage}) to read its logs: "
+                                f"{state.unreachable}")
+    console.rule(Text(f"{stage}: {jobs.job_summary(record, state)}"))
     sys.stdout.write(jobs.stage_logs(record))
     return 0
 
@@ -336,21 +385,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run" or args.command in load_registry().chain():
             return cmd_run_locked(args, target=None if args.command == "run" else args.command)
         if args.command == "status":
-            run_dir = Path(args.run_dir)
+            run_dir = _existing_run_dir(args.run_dir)
             names = list(load_registry().chain(_saved_chain(run_dir)))
             console.print(_status_table(run_dir, _load_run_configs(run_dir), names))
             return 0
         if args.command == "logs":
-            return cmd_logs(Path(args.run_dir), args.stage)
+            return cmd_logs(_existing_run_dir(args.run_dir), args.stage)
         if args.command == "cancel":
-            cancelled = jobs.cancel_jobs(Path(args.run_dir), args.stages)
+            run_dir = _existing_run_dir(args.run_dir)
+            records = jobs.read_records(run_dir)
+            for stage in args.stages:
+                get_stage(stage)
+                if stage not in records or records[stage].executor != "slurm":
+                    console.print(f"no Slurm job of stage {stage!r} recorded in {run_dir}/{jobs.JOBS_DIR}/",
+                                  style="red", markup=False, soft_wrap=True)
+                    return 1
+            cancelled = jobs.cancel_jobs(run_dir, args.stages)
             for stage, job_id in cancelled.items():
                 console.print(f"cancelled {stage}: Slurm job {job_id}")
             if not cancelled:
                 console.print("no queued or running Slurm job to cancel")
             return 0
-    except (ConfigError, KeyError, jobs.ClusterError, RunDirLocked) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+    except CLI_ERRORS as exc:
+        print_error(exc)
         return 2
     parser.print_help()
     return 0

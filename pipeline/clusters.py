@@ -146,13 +146,20 @@ def parse_profile(name: str, data: dict) -> ClusterProfile:
 def load_profile(path: str | Path | None = None, name: str | None = None) -> ClusterProfile:
     """Return cluster `name` from the profile file at `path` (default DEFAULT_PROFILE_PATH).
 
-    `name` may be left out when the file defines exactly one cluster.
+    `name` may be left out when the file defines exactly one cluster. Raises ConfigError, one line, where the
+    file is missing or not YAML, or names no such cluster (or a bad setting).
     """
     file = Path(path or DEFAULT_PROFILE_PATH).expanduser()
     if not file.is_file():
-        raise ConfigError(f"no cluster profile file at {file}; write one (or pass --cluster-profile PATH), "
-                          f"for example:\n{EXAMPLE_PROFILE}")
-    clusters = yaml.safe_load(file.read_text()) or {}
+        raise ConfigError(f"no cluster profile file at {file}: write one (for example `my-cluster: {{account: "
+                          "my_account, partition: batch}`; the README's `Running on a Slurm cluster` shows every "
+                          "setting), or pass --cluster-profile PATH")
+    try:
+        clusters = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:  # one line: where and what, not the parser's multi-line report
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{file}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(clusters, dict) or not clusters:
         raise ConfigError(f"{file}: expected a mapping of cluster names to settings")
     if name is None:

@@ -31,11 +31,16 @@ class RunConfig:
 
     def ranks_of(self, name: str, multi_rank: bool) -> int:
         """Return the processes stage `name` is planned as: 1 for a one-process stage, else its stage_ranks
-        entry, else world_size."""
+        entry, else world_size. Raises ConfigError on a stage_ranks entry that is not `stage=N`."""
         if not multi_rank:
             return 1
-        sizes = dict(entry.split("=", 1) for entry in self.stage_ranks)
-        return int(sizes.get(name, self.world_size))
+        sizes = {}
+        for entry in self.stage_ranks:
+            stage, sep, size = entry.partition("=")
+            if not sep or not size.isdigit() or int(size) < 1:
+                raise ConfigError(f"stage_ranks: {entry!r} is not stage=N (N a positive number of ranks)")
+            sizes[stage] = int(size)
+        return sizes.get(name, self.world_size)
 
 
 def _parse_value(text: str, typ: Any, key: str) -> Any:
@@ -49,7 +54,12 @@ def _parse_value(text: str, typ: Any, key: str) -> Any:
     if origin in (list, tuple):
         (item,) = typing.get_args(typ)[:1] or (str,)
         if text.startswith("["):
-            items = json.loads(text)
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{key}: {text!r} is not a JSON list ({exc})") from None
+            if not isinstance(items, list):
+                raise ConfigError(f"{key}: {text!r} is not a JSON list")
         else:
             items = [t for t in text.split(",") if t != ""]
         parsed = [_parse_value(str(i), item, key) for i in items]

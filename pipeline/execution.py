@@ -139,6 +139,23 @@ def _record_jobs(exp: Any, run_dir: Path, plan: dict[str, Any], executor: str,
         jobs.write_record(run_dir, record)
 
 
+def _tunnel_text(profile: ClusterProfile | None) -> str:
+    """Return how aigc reaches the cluster of `profile`, for a message: `ssh user@host:port` or `local tunnel`."""
+    if profile is None or profile.tunnel.kind != "ssh":
+        return "local tunnel"
+    return f"ssh {profile.tunnel.user}@{profile.tunnel.host}:{profile.tunnel.port}"
+
+
+def _cluster_error(command: str, exit_code: int, stderr: str, profile: ClusterProfile | None) -> jobs.ClusterError:
+    """Return the ClusterError, one line, of a cluster command (sbatch, mkdir) that failed."""
+    program = command.split()[0] if command.split() else command
+    if exit_code == 127:  # the shell found no such program: not a Slurm login node
+        return jobs.ClusterError(f"cannot submit to cluster {profile.name if profile else '?'!r}: {program!r} is not "
+                                 f"found there ({_tunnel_text(profile)}); run aigc on a Slurm login node "
+                                 "(tunnel kind local) or reach one with an ssh tunnel")
+    return jobs.ClusterError(f"{command!r} failed (exit {exit_code}): {'; '.join(stderr.strip().splitlines())}")
+
+
 def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executor: str = "local",
                output_dir: str = "", task: Callable | None = None, profile: ClusterProfile | None = None,
                detach: bool = False, env: dict[str, str] | None = None,
@@ -152,7 +169,8 @@ def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executo
     returns after submission ('submitted'). `task` is the task body (default
     `pipeline.runner.stage_task`); `env` adds environment variables to the tasks.
     `nproc_per_node` (local only) runs the torchrun stages as that many ranks
-    here; on Slurm the cluster profile decides.
+    here; on Slurm the cluster profile decides. Raises jobs.ClusterError, one
+    line, where the cluster cannot be reached or refuses a job.
     """
     if nproc_per_node < 1 or (nproc_per_node > 1 and executor != "local"):
         raise ConfigError(f"nproc_per_node={nproc_per_node}: a positive number of ranks, for the local executor; "
@@ -163,6 +181,7 @@ def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executo
     _use_nemo_run_home(run_dir)
     import nemo_run as run
     from invoke.exceptions import UnexpectedExit
+    from paramiko import SSHException
 
     from pipeline.runner import stage_task
 
@@ -179,8 +198,13 @@ def run_stages(run_dir: Path, configs: dict[str, Any], names: list[str], executo
         _build_experiment(exp, run_dir, configs, names, executor, profile, output_dir, task or stage_task, env)
         try:
             exp.run(sequential=True, detach=detach and executor == "slurm", tail_logs=True)
-        except UnexpectedExit as exc:  # sbatch refused a job: say why, without the traceback
-            raise jobs.ClusterError(f"{exc.result.command!r} failed: {exc.result.stderr.strip()}") from None
+        except UnexpectedExit as exc:  # sbatch refused a job: say why, on one line, without the traceback
+            raise _cluster_error(exc.result.command, exc.result.exited, exc.result.stderr, profile) from None
+        except (OSError, SSHException) as exc:  # the ssh tunnel could not connect
+            if executor != "slurm" or profile.tunnel.kind != "ssh":
+                raise
+            raise jobs.ClusterError(f"cannot reach cluster {profile.name!r} ({_tunnel_text(profile)}): "
+                                    f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
         finally:
             _record_jobs(exp, run_dir, plan, executor, profile, final_dirs)  # the jobs that were submitted
     if executor == "slurm":

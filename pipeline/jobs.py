@@ -57,6 +57,7 @@ class SlurmState:
     started: bool
     elapsed: str
     nodes: str
+    unreachable: str = ""  # why the cluster could not be asked (then the state is UNKNOWN)
 
     @property
     def active(self) -> bool:
@@ -122,8 +123,9 @@ def slurm_states(records: dict[str, JobRecord]) -> dict[str, SlurmState]:
                 states[r.stage] = SlurmState(r.job_id, state, exit_code, start not in ("None", "Unknown", ""),
                                              elapsed, nodes)
             else:
-                reason = "not in accounting yet" if code == 0 else out.strip()[-200:]
-                states[r.stage] = SlurmState(r.job_id, f"UNKNOWN ({reason})", "", False, "", "")
+                reason = "not in accounting yet" if code == 0 else " ".join(out.split())[-200:]
+                states[r.stage] = SlurmState(r.job_id, f"UNKNOWN ({reason})", "", False, "", "",
+                                             "" if code == 0 else reason)
     return states
 
 
@@ -175,7 +177,10 @@ def active_jobs(run_dir: Path, fingerprints: dict[str, str]) -> dict[str, SlurmS
 
 
 def stage_logs(record: JobRecord) -> str:
-    """Return the text of the stage's job logs: the task's output, then (Slurm) the batch script's."""
+    """Return the text of the stage's job logs: the task's output, then (Slurm) the batch script's.
+
+    Raises ClusterError where the cluster cannot be reached.
+    """
     if record.executor != "slurm":
         files = sorted(Path(record.log_dir).rglob("combined.log"))
         return "".join(f"==> {f} <==\n{f.read_text(errors='replace')}" for f in files) \
@@ -186,14 +191,26 @@ def stage_logs(record: JobRecord) -> str:
     script = (f'for f in {prefix}log-{name}_*.out {prefix}sbatch_{name}.out; do '
               f'[ -e "$f" ] && printf "==> %s <==\\n" "$f" && cat "$f"; done; true')
     code, out = _on_cluster(record, script)
+    if code != 0:  # the script itself always succeeds: the cluster was not reached
+        raise ClusterError(f"cannot read the logs of job {record.job_id} ({record.stage}) on cluster "
+                           f"{record.cluster or '?'}: {' '.join(out.split())}")
     return out or f"no log files of job {record.job_id} in {record.log_dir} yet\n"
 
 
 def cancel_jobs(run_dir: Path, stages: list[str] | None = None) -> dict[str, str]:
-    """scancel the queued or running Slurm jobs of `stages` (default: all); return stage -> job id cancelled."""
+    """scancel the queued or running Slurm jobs of `stages` (default: all); return stage -> job id cancelled.
+
+    Raises ClusterError where the cluster cannot be reached or scancel fails.
+    """
     records = {s: r for s, r in read_records(run_dir).items()
                if r.executor == "slurm" and (not stages or s in stages)}
-    live = {s: st for s, st in slurm_states(records).items() if st.active}
+    states = slurm_states(records)
+    unknown = {s: st for s, st in states.items() if st.unreachable}
+    if unknown:  # its jobs may still run: say so, never "nothing to cancel"
+        stage, state = next(iter(unknown.items()))
+        raise ClusterError(f"cannot reach the cluster of job {state.job_id} ({stage}) to cancel it: "
+                           f"{state.unreachable}")
+    live = {s: st for s, st in states.items() if st.active}
     cancelled = {}
     for stage, state in live.items():
         code, out = _on_cluster(records[stage], f"scancel {shlex.quote(state.job_id)}")

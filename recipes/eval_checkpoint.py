@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +27,10 @@ from recipes.generate import generate, hf_next_logits
 from recipes.instructions import read_jsonl
 
 DEFAULT_PROMPTS = ("The for statement", "A function definition")
+
+
+class InputError(ValueError):
+    """A checkpoint directory or held-out file that cannot be read (the message is one line)."""
 
 
 def continuations(
@@ -58,11 +63,23 @@ def evaluate_checkpoint(
     """Return {"perplexity", "nll", "tokens", "samples"} of the HF checkpoint at `path` on JSONL `heldout`.
 
     `samples` holds {"prompt", "greedy", "sampled"} per prompt; max_batches 0 scores every document.
+    Raises InputError, before loading the model where it can, on a held-out file or checkpoint that cannot
+    be read.
     """
-    model, tokenizer = hf_lm.load_causal_lm(path)
-    docs = read_jsonl(heldout, check_document)
+    try:
+        docs = read_jsonl(heldout, check_document)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"held-out file {heldout}: {exc.strerror}" if isinstance(exc, OSError)
+                         else f"held-out file {exc}") from None  # read_jsonl's message starts with file:line
     if not docs:
-        raise ValueError(f"no held-out documents in {heldout}")
+        raise InputError(f"held-out file {heldout}: no documents")
+    if not (Path(path) / "config.json").is_file():
+        raise InputError(f"no HF checkpoint directory at {path} (config.json, weights, tokenizer)")
+    try:
+        model, tokenizer = hf_lm.load_causal_lm(path)
+    except (OSError, ValueError) as exc:  # transformers' reasons run over several lines: keep the first
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise InputError(f"cannot load the HF checkpoint at {path}: {first}") from None
     length = hf_lm.context_length(model, max_length)
     encoded = [hf_lm.encode_document(tokenizer, d["text"], length) for d in docs]
     nll, tokens = hf_lm.mean_nll(model, encoded, tokenizer.pad_token_id, batch_size, max_batches, desc="perplexity")
@@ -74,7 +91,7 @@ def evaluate_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `aigc eval-checkpoint`; return the exit code."""
+    """Entry point of `aigc eval-checkpoint`; return the exit code (2, after one line, on an input error)."""
     parser = argparse.ArgumentParser(prog="aigc eval-checkpoint", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="an HF checkpoint directory (config.json, weights, tokenizer)")
     parser.add_argument("--heldout", type=Path, required=True, help='JSONL of {"text": ...} documents')
@@ -89,17 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the report here as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = evaluate_checkpoint(
-        args.checkpoint,
-        args.heldout,
-        tuple(args.prompt or DEFAULT_PROMPTS),
-        args.max_new_tokens,
-        args.temperature,
-        args.top_k,
-        args.top_p,
-        max_batches=args.max_batches,
-        seed=args.seed,
-    )
+    try:
+        report = evaluate_checkpoint(
+            args.checkpoint,
+            args.heldout,
+            tuple(args.prompt or DEFAULT_PROMPTS),
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            max_batches=args.max_batches,
+            seed=args.seed,
+        )
+    except InputError as exc:
+        print(f"aigc eval-checkpoint: {exc}", file=sys.stderr)
+        return 2
     if args.out:
         args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     title = f"{args.checkpoint}: perplexity {report['perplexity']:.2f} over {report['tokens']:,} tokens"
