@@ -109,36 +109,23 @@ def check_kill_and_resume(tmp_path: Path, upstream_dir: Path, stage: str, config
 
 
 @pytest.fixture(scope="module")
-def llm_upstream(tmp_path_factory):
-    """Return (run dir with curate..align done on `smoke`, its configs JSON)."""
-    run_dir = tmp_path_factory.mktemp("llm")
-    configs_json = configs_to_json(resolve_configs("smoke"))
-    for name in upstream_closure(["align"]):
-        run(run_dir, name, configs_json)
-    return run_dir, configs_json
+def upstream(tmp_path_factory):
+    """Return (one run dir for every chain's upstream stages, run as the tests need them; the smoke configs JSON)."""
+    return tmp_path_factory.mktemp("upstream"), configs_to_json(resolve_configs("smoke"))
 
 
-@pytest.fixture(scope="module")
-def multimodal_upstream(tmp_path_factory):
-    """Return (a run dir for the multimodal chains, their configs JSON); stages run there as the tests need them."""
-    return tmp_path_factory.mktemp("mm"), configs_to_json(resolve_configs("smoke"))
-
-
-@pytest.mark.parametrize("stage", ["evaluate", "export", "serve"])
-def test_a_killed_llm_stage_resumes_to_the_uninterrupted_result(llm_upstream, tmp_path, stage):
-    upstream_dir, configs_json = llm_upstream
+def run_upstream(upstream_dir: Path, stage: str, configs_json: str) -> None:
+    """Run in `upstream_dir` whichever stages upstream of `stage` have not run there."""
     for name in upstream_closure([stage])[:-1]:
         if not (upstream_dir / name / "manifest.json").is_file():
             run(upstream_dir, name, configs_json)
-    check_kill_and_resume(tmp_path, upstream_dir, stage, configs_json, random.Random(f"{SEED}-{stage}"))
 
 
-@pytest.mark.parametrize("stage", load_registry().chain("t2i") + load_registry().chain("nerf"))
-def test_a_killed_multimodal_stage_resumes_to_the_uninterrupted_result(multimodal_upstream, tmp_path, stage):
-    upstream_dir, configs_json = multimodal_upstream
-    for name in upstream_closure([stage])[:-1]:
-        if not (upstream_dir / name / "manifest.json").is_file():
-            run(upstream_dir, name, configs_json)
+@pytest.mark.parametrize("stage", ["evaluate", "export", "serve"] + list(load_registry().chain("t2i"))
+                         + list(load_registry().chain("nerf")))
+def test_a_killed_stage_resumes_to_the_uninterrupted_result(upstream, tmp_path, stage):
+    upstream_dir, configs_json = upstream
+    run_upstream(upstream_dir, stage, configs_json)
     check_kill_and_resume(tmp_path, upstream_dir, stage, configs_json, random.Random(f"{SEED}-{stage}"))
 
 
@@ -146,13 +133,11 @@ def test_a_killed_multimodal_stage_resumes_to_the_uninterrupted_result(multimoda
     ("nerf_train", [], "step_0000030"),  # smoke: 60 steps, a checkpoint at each evaluation (every 30)
     ("t2i_train", ["t2i_train.epochs=2"], "step_0000001"),  # a checkpoint after each epoch
 ])
-def test_a_multimodal_stage_killed_after_a_checkpoint_resumes_from_it(multimodal_upstream, tmp_path, stage, overrides,
+def test_a_multimodal_stage_killed_after_a_checkpoint_resumes_from_it(upstream, tmp_path, stage, overrides,
                                                                         first_checkpoint):
-    upstream_dir, _ = multimodal_upstream
+    upstream_dir, _ = upstream
     configs_json = configs_to_json(resolve_configs("smoke", overrides))
-    for name in upstream_closure([stage])[:-1]:
-        if not (upstream_dir / name / "manifest.json").is_file():
-            run(upstream_dir, name, configs_json)
+    run_upstream(upstream_dir, stage, configs_json)
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     for target in (reference_dir, killed_dir):
         for name in upstream_closure([stage])[:-1]:
