@@ -45,6 +45,7 @@ from alignment.rewards import RewardFn, function_reward, import_function, model_
 from alignment.rl_loop import RLTask
 from alignment.stages import AlignConfig
 from curation.corpus import read_corpus
+from curation.split import read_split
 from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm
 from recipes.data_parallel import DataParallel
@@ -103,7 +104,8 @@ def load_pairs(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, max_length
         source = f"{len(cfg.pairs_files)} pairs file(s)"
     else:
         docs = read_corpus(ctx.input_path("curate", "corpus"))
-        built = build_pairs(docs, ctx.seed, cfg.heldout_fraction, cfg.rejected, chat_char_budget(max_length))
+        split = read_split(ctx.input_path("tokenize", "split"))
+        built = build_pairs(docs, ctx.seed, split.of, cfg.rejected, chat_char_budget(max_length))
         source = f"the corpus ({len(docs)} documents)"
     fitting = [p for p in built if hf_lm.prompt_fits(tokenizer, p["prompt"], max_length)]
     train, val = select_pairs(fitting, cfg, ctx.seed)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from recipes.instructions import PROMPTS, check_messages, check_record, continuations, is_heldout, read_jsonl
+from curation.split import SplitOf, is_heldout
+from recipes.instructions import PROMPTS, check_messages, check_record, continuations, read_jsonl
 
 REJECTED_KINDS = ("shuffled", "unrelated")
 
@@ -33,19 +34,22 @@ def shuffled_words(text: str, rng: random.Random) -> str | None:
     return " ".join(order)
 
 
-def build_pairs(docs: list[dict], seed: int, heldout_fraction: float, rejected: str, chat_chars: int) -> list[dict]:
-    """Return preference records {"id", "split", "prompt", "chosen", "rejected"}, one per usable document."""
+def build_pairs(docs: list[dict], seed: int, split_of: SplitOf, rejected: str, chat_chars: int) -> list[dict]:
+    """Return preference records {"id", "split", "prompt", "chosen", "rejected"}, one per usable document,
+    split by `split_of` (as build_instructions); an "unrelated" rejected answer comes from another document
+    of the same split."""
     if rejected not in REJECTED_KINDS:
         raise ValueError(f"unknown rejected kind {rejected!r}; choose from {REJECTED_KINDS}")
-    items = continuations(docs, seed, chat_chars)
+    items = [c for c in continuations(docs, seed, chat_chars) if split_of(c.doc_id) is not None]
+    same_split = {s: [c for c in items if split_of(c.doc_id) == s] for s in ("train", "val")}
     pairs = []
-    for i, c in enumerate(items):
+    for c in items:
         rng = random.Random(f"{seed}:pair:{c.doc_id}")
+        others = [o for o in same_split[split_of(c.doc_id)] if o.doc_id != c.doc_id]
         if rejected == "shuffled":
             bad = shuffled_words(c.continuation, rng)
-        elif len(items) > 1:
-            j = rng.randrange(len(items) - 1)
-            other = items[j + (j >= i)].continuation  # any document but this one
+        elif others:
+            other = others[rng.randrange(len(others))].continuation  # another document of the same split
             bad = other if other != c.continuation else None
         else:
             bad = None
@@ -55,7 +59,7 @@ def build_pairs(docs: list[dict], seed: int, heldout_fraction: float, rejected: 
         pairs.append(
             {
                 "id": c.doc_id,
-                "split": "val" if is_heldout(c.doc_id, seed, heldout_fraction) else "train",
+                "split": split_of(c.doc_id),
                 "prompt": [{"role": "user", "content": prompt}],
                 "chosen": [{"role": "assistant", "content": c.continuation}],
                 "rejected": [{"role": "assistant", "content": bad}],

@@ -21,7 +21,7 @@ class AlignConfig:
     pairs_files: tuple[str, ...] = ()  # JSONL {prompt, chosen, rejected}, text or chat form; () = from the corpus
     max_pairs: int = 0  # training pairs used; 0 = all
     eval_pairs: int = 32  # held-out pairs scored before and after
-    heldout_fraction: float = 0.1  # share of documents (or of lines of pairs_files without a split) held out
+    heldout_fraction: float = 0.1  # share of pairs_files lines without a split held out (corpus: tokenize's split)
     rejected: str = "shuffled"  # corpus-built pairs: corruption of the rejected answer: shuffled | unrelated
     max_length: int = 256  # tokens of prompt + answer (capped by the model's positions)
     batch_size: int = 4  # pairs (dpo, reward model) or sequences (ppo/grpo minibatch, steerlm) per step
@@ -71,7 +71,7 @@ STAGES = {
         "align",
         AlignConfig,
         "alignment.align_stage:run",
-        inputs=("curate", "sft"),
+        inputs=("curate", "tokenize", "sft"),
         code=("alignment", "recipes"),
         path_fields=("pairs_files",),
         key_metrics=("method", "rm_val_accuracy", "win_rate_vs_sft", "kl_from_reference", "steps"),

@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from curation.corpus import read_corpus
+from curation.split import read_split
 from recipes import hf_lm, prompt_eval
 from recipes.evaluate import check_document
 from recipes.instructions import build_instructions, chat_char_budget, read_jsonl
@@ -101,7 +102,8 @@ def main() -> None:
     tiny = configs["LoRA"]
     max_length = hf_lm.context_length(base, tiny.max_length)
     docs = read_corpus(args.run_dir / "curate" / "corpus")
-    records = build_instructions(docs, SEED, tiny.heldout_fraction, chat_char_budget(max_length))
+    split = read_split(args.run_dir / "tokenize" / "split.json")  # the chain's one split, as the stage reads it
+    records = build_instructions(docs, SEED, split.of, chat_char_budget(max_length))
     fitting = [r for r in records if hf_lm.prompt_fits(tokenizer, r["messages"][:-1], max_length)]
     train, val = select_examples(fitting, tiny, SEED)
     encoded = {

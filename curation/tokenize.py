@@ -1,20 +1,22 @@
 """The `tokenize` stage: curated corpus -> BPE tokenizer + Megatron train/valid datasets.
 
-Documents are split into train/valid by document with a seeded sample
-(`valid_fraction`, at least one valid document). The tokenizer is trained on the
-train documents only, so perplexity on the held-out documents is honest.
+Decides the one train / held-out split of the chain (curation.split: by a
+seeded hash of each document id, `valid_fraction` held out, at least one; a
+training document sharing a 13-gram with a held-out one is dropped) and writes
+it as split.json, which SFT and alignment honour too. The tokenizer is trained
+on the train documents only, so perplexity on the held-out documents is honest.
 Writes, under the stage directory:
 
     tokenizer/                 tokenizer.json + tokenizer_config.json (AutoTokenizer loads it)
     data/train.{bin,idx}       one sequence per document: its token ids, then </s>
     data/valid.{bin,idx}
     heldout.jsonl              the valid documents as {"id", "text"}
+    split.json                 the split (curation.split): held-out ids, training ids dropped for overlap
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,21 +29,13 @@ from tqdm import tqdm
 from curation.bpe import EOS, save_for_transformers, train_bpe
 from curation.corpus import read_corpus
 from curation.megatron_data import write_indexed_dataset
+from curation.split import SPLIT_FILE, decide_split, write_split
 from curation.stages import TokenizeConfig
 from pipeline.stage import StageContext, StageResult
 
 ENCODE_CHUNK = 256  # documents per encode_batch call
-OUTPUTS = {"tokenizer": "tokenizer", "data": "data", "heldout": "heldout.jsonl"}  # role -> path in the stage dir
-
-
-def split_documents(n_docs: int, valid_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Return (train, valid) document indices, each sorted; valid has at least one document."""
-    if n_docs < 2:
-        raise ValueError(f"tokenize needs at least 2 documents to split train/valid, got {n_docs}")
-    n_valid = min(n_docs - 1, max(1, round(valid_fraction * n_docs)))
-    valid = sorted(random.Random(seed).sample(range(n_docs), n_valid))
-    chosen = set(valid)
-    return [i for i in range(n_docs) if i not in chosen], valid
+OUTPUTS = {"tokenizer": "tokenizer", "data": "data", "heldout": "heldout.jsonl",  # role -> path in the stage dir
+           "split": SPLIT_FILE}
 
 
 def encode_documents(tok: Tokenizer, texts: list[str], desc: str) -> Iterator[list[int]]:
@@ -75,14 +69,16 @@ def run(ctx: StageContext) -> StageResult:
     out = Path(ctx.out_dir)
     clear_outputs(out)
     docs = read_corpus(ctx.input_path("curate", "corpus"))
-    train_idx, valid_idx = split_documents(len(docs), cfg.valid_fraction, ctx.seed)
-    splits = {"train": [docs[i] for i in train_idx], "valid": [docs[i] for i in valid_idx]}
+    split = decide_split(docs, ctx.seed, cfg.valid_fraction)
+    write_split(out / SPLIT_FILE, split)
+    splits = {"train": [d for d in docs if split.of(d["id"]) == "train"],
+              "valid": [d for d in docs if split.of(d["id"]) == "val"]}
 
     tok = train_bpe((d["text"] for d in splits["train"]), cfg.vocab_size)
     save_for_transformers(tok, out / "tokenizer")
 
     (out / "data").mkdir()
-    metrics: dict = {"vocab_size": tok.get_vocab_size()}
+    metrics: dict = {"vocab_size": tok.get_vocab_size(), "train_docs_dropped_overlap": len(split.dropped_overlap)}
     for name, split in splits.items():
         texts = [d["text"] for d in split]
         n_docs, n_tokens = write_indexed_dataset(

@@ -14,12 +14,13 @@ a reject carrying its file, line number and reason (`read_user_instructions`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 import re
 from collections.abc import Callable
 from pathlib import Path
+
+from curation.split import SplitOf, is_heldout
 
 PROMPTS = (
     "Continue this text:\n{context}",
@@ -89,26 +90,23 @@ def continuation_of(doc: dict, seed: int, chat_chars: int) -> Continuation | Non
     return Continuation(doc["id"], context, answer)
 
 
-def is_heldout(doc_id: str, seed: int, fraction: float) -> bool:
-    """Return True where document `doc_id` belongs to the held-out split (a seeded hash decides)."""
-    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
 def continuations(docs: list[dict], seed: int, chat_chars: int) -> list[Continuation]:
     """Return the Continuation of every document that has one, in corpus order."""
     return [c for c in (continuation_of(d, seed, chat_chars) for d in docs) if c is not None]
 
 
-def build_instructions(docs: list[dict], seed: int, heldout_fraction: float, chat_chars: int) -> list[dict]:
-    """Return instruction records {"id", "split", "messages"} (one per usable document)."""
+def build_instructions(docs: list[dict], seed: int, split_of: SplitOf, chat_chars: int) -> list[dict]:
+    """Return instruction records {"id", "split", "messages"}, one per usable document, split by `split_of`
+    (the chain's: curation.split.Split.of; a document it drops, None, gives none)."""
     records = []
     for c in continuations(docs, seed, chat_chars):
+        if split_of(c.doc_id) is None:
+            continue
         prompt = random.Random(f"{seed}:prompt:{c.doc_id}").choice(PROMPTS)
         records.append(
             {
                 "id": c.doc_id,
-                "split": "val" if is_heldout(c.doc_id, seed, heldout_fraction) else "train",
+                "split": split_of(c.doc_id),
                 "messages": [
                     {"role": "user", "content": prompt.format(context=c.context)},
                     {"role": "assistant", "content": c.continuation},

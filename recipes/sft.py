@@ -40,6 +40,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from curation.corpus import read_corpus
+from curation.split import read_split
 from pipeline.stage import StageContext, StageResult
 from recipes import hf_lm
 from recipes.data_parallel import DataParallel
@@ -80,7 +81,8 @@ def load_records(ctx: StageContext, cfg: SFTConfig, max_length: int) -> tuple[li
     if ctx.is_main:
         write_jsonl(rejects_path, [])
     docs = read_corpus(ctx.input_path("curate", "corpus"))
-    records = build_instructions(docs, ctx.seed, cfg.heldout_fraction, chat_char_budget(max_length))
+    split = read_split(ctx.input_path("tokenize", "split"))
+    records = build_instructions(docs, ctx.seed, split.of, chat_char_budget(max_length))
     return records, {"records_read": len(records), "rejects": 0}
 
 

@@ -63,7 +63,7 @@ class SFTConfig:
     max_rejects_fraction: float = 0.1  # malformed records / records read above this fail the stage
     max_examples: int = 0  # training examples used; 0 = all
     eval_examples: int = 32  # held-out examples scored before, during and after
-    heldout_fraction: float = 0.1  # share of documents (or of data_files records without a split) held out
+    heldout_fraction: float = 0.1  # share of data_files records without a split held out (corpus: tokenize's split)
     max_length: int | None = None  # tokens per chat, and per packed row (capped by the model's positions)
     packing: bool | None = None  # pack several chats per row (attention stays within each chat)
     # optimisation
@@ -106,7 +106,7 @@ STAGES = {
     "pretrain": Stage("pretrain", PretrainConfig, "recipes.pretrain:run", inputs=("tokenize",),
                       key_metrics=("params", "layout", "val_loss", "unigram_val_loss", "val_ppl", "tokens_per_s"),
                       multi_rank=True, dry_run="recipes.parallel_plan:dry_run"),
-    "sft": Stage("sft", SFTConfig, "recipes.sft:run", inputs=("curate", "pretrain"), path_fields=("data_files",),
+    "sft": Stage("sft", SFTConfig, "recipes.sft:run", inputs=("curate", "tokenize", "pretrain"), path_fields=("data_files",),
                  key_metrics=("mode", "val_loss_before", "val_loss_after", "trainable_fraction", "steps"),
                  multi_rank=True),
     "evaluate": Stage(

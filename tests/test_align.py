@@ -16,11 +16,12 @@ from alignment.policy import Reference
 from alignment.preference_data import build_pairs, read_pairs, read_user_pairs
 from alignment.reward_model import encode_pairs
 from alignment.stages import AlignConfig
+from curation.split import by_hash
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
 from recipes import hf_lm
 from recipes.instructions import continuations, write_jsonl
-from tiny_lm import build_model, save_hf, write_corpus, write_upstream
+from tiny_lm import build_model, save_hf, write_corpus_upstream, write_upstream
 
 torch.set_num_threads(1)
 
@@ -30,8 +31,8 @@ def split(pairs):
 
 
 def test_pairs_are_seeded_and_corrupt_only_the_rejected_answer(docs):
-    pairs = build_pairs(docs[:300], seed=3, heldout_fraction=0.2, rejected="shuffled", chat_chars=320)
-    assert pairs == build_pairs(docs[:300], seed=3, heldout_fraction=0.2, rejected="shuffled", chat_chars=320)
+    pairs = build_pairs(docs[:300], seed=3, split_of=by_hash(3, 0.2), rejected="shuffled", chat_chars=320)
+    assert pairs == build_pairs(docs[:300], seed=3, split_of=by_hash(3, 0.2), rejected="shuffled", chat_chars=320)
     truth = {c.doc_id: c for c in continuations(docs[:300], 3, 320)}
     for p in pairs:
         chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
@@ -40,11 +41,11 @@ def test_pairs_are_seeded_and_corrupt_only_the_rejected_answer(docs):
     train, val = split(pairs)
     assert train and val and not {p["id"] for p in train} & {p["id"] for p in val}
 
-    unrelated = build_pairs(docs[:300], seed=3, heldout_fraction=0.2, rejected="unrelated", chat_chars=320)
+    unrelated = build_pairs(docs[:300], seed=3, split_of=by_hash(3, 0.2), rejected="unrelated", chat_chars=320)
     others = {c.continuation for c in truth.values()}
     assert all(p["rejected"][0]["content"] in others - {p["chosen"][0]["content"]} for p in unrelated)
     with pytest.raises(ValueError, match="unknown rejected kind"):
-        build_pairs(docs[:10], 3, 0.2, "reversed", 320)
+        build_pairs(docs[:10], 3, by_hash(3, 0.2), "reversed", 320)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,7 @@ def test_pairs_are_seeded_and_corrupt_only_the_rejected_answer(docs):
     ],
 )
 def test_malformed_pairs_are_rejected(docs, tmp_path, change, message):
-    good = build_pairs(docs[:20], 1, 0.0, "shuffled", 320)[0]
+    good = build_pairs(docs[:20], 1, by_hash(1, 0.0), "shuffled", 320)[0]
     path = write_jsonl(tmp_path / "pairs.jsonl", [good, {**good, **change}])
     with pytest.raises(ValueError, match=message) as err:
         read_pairs(path)
@@ -145,7 +146,7 @@ def trl_dpo_loss(policy, reference, tokenizer, pairs, cfg, work_dir) -> tuple[fl
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 def test_dpo_losses_equal_trl_and_hand_computation(tokenizer, docs, tmp_path, loss_type):
-    pairs = build_pairs(docs[:40], 2, 0.0, "shuffled", 320)[:3]
+    pairs = build_pairs(docs[:40], 2, by_hash(2, 0.0), "shuffled", 320)[:3]
     cfg = AlignConfig(beta=0.3, max_length=512, loss_type=loss_type)
     policy, reference = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
     with torch.no_grad():
@@ -176,7 +177,7 @@ def test_dpo_losses_equal_trl_and_hand_computation(tokenizer, docs, tmp_path, lo
 
 
 def test_lora_dpo_reference_is_the_base_with_adapters_disabled(tokenizer, docs):
-    train, val = split(build_pairs(docs[:300], 5, 0.2, "shuffled", 320))
+    train, val = split(build_pairs(docs[:300], 5, by_hash(5, 0.2), "shuffled", 320))
     cfg = AlignConfig(max_steps=8, batch_size=4, learning_rate=5e-3, warmup_steps=1, max_length=128, lora=True)
     base = build_model(tokenizer)
     original = {n: p.clone() for n, p in base.state_dict().items()}
@@ -196,7 +197,7 @@ def test_lora_dpo_reference_is_the_base_with_adapters_disabled(tokenizer, docs):
 
 def test_planted_preference_is_learned(tokenizer, docs):
     # Chosen: the real next sentence; rejected: its words shuffled. A tiny random model learns the order.
-    train, val = split(build_pairs(docs[:600], 5, 0.2, "shuffled", 320))
+    train, val = split(build_pairs(docs[:600], 5, by_hash(5, 0.2), "shuffled", 320))
     cfg = AlignConfig(max_steps=25, batch_size=4, learning_rate=5e-3, warmup_steps=2, max_length=128)
     model = build_model(tokenizer)
     m, _ = train_dpo(model, Reference(model, build_model(tokenizer)), tokenizer, train, val[:32], cfg, 0)
@@ -206,8 +207,7 @@ def test_planted_preference_is_learned(tokenizer, docs):
 
 
 def stage_inputs(run_dir, configs, tokenizer, docs):
-    write_corpus(run_dir / "curate" / "corpus", docs[:400])
-    write_upstream(run_dir, configs, "curate", {"corpus": "corpus"})
+    write_corpus_upstream(run_dir, configs, docs[:400])
     save_hf(run_dir / "sft" / "hf", build_model(tokenizer, positions=64), tokenizer)  # as smoke's micro
     write_upstream(run_dir, configs, "sft", {"hf": "hf"})
 
@@ -245,7 +245,7 @@ def test_align_stage_through_the_runner(tmp_path, tokenizer, docs):
 
 
 def test_lora_dpo_on_user_pairs_through_the_runner(tmp_path, tokenizer, docs):
-    pairs = build_pairs(docs[:400], 7, 0.2, "shuffled", 96)
+    pairs = build_pairs(docs[:400], 7, by_hash(7, 0.2), "shuffled", 96)
     user_file = write_jsonl(
         tmp_path / "prefs.jsonl",
         [{"prompt": p["prompt"][0]["content"], "chosen": p["chosen"][0]["content"],

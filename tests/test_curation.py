@@ -62,7 +62,7 @@ from curation.shipped_data import NOISE_FILE, PYDOC_FILE, shipped_inputs
 from curation.stages import CurateConfig
 from curation.synthetic import dedup_scores, generate
 from curation.corpus import read_corpus
-from curation.tokenize import split_documents
+from curation.split import decide_split, is_heldout, read_split, write_split
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
 from pipeline.stage import StageContext
@@ -666,15 +666,22 @@ def test_config_overrides_reach_the_rules_and_unknown_names_fail():
 # ---------------------------------------------------------------- tokenize
 
 
-def test_split_is_deterministic_disjoint_and_has_a_valid_document():
-    train, valid = split_documents(40, 0.05, seed=3)
-
-    assert (train, valid) == split_documents(40, 0.05, seed=3)
-    assert sorted(train + valid) == list(range(40)) and len(valid) == 2
-    assert len(split_documents(5, 0.05, seed=3)[1]) == 1
-    assert split_documents(40, 0.05, seed=4)[1] != valid
+def test_split_is_by_id_deterministic_and_drops_training_text_that_overlaps_held_out_text(tmp_path):
+    docs = pydoc_docs(60)
+    split = decide_split(docs, seed=3, fraction=0.1)
+    assert split == decide_split(list(reversed(docs)), seed=3, fraction=0.1)  # by id: order does not matter
+    assert split.heldout == {d["id"] for d in docs if is_heldout(d["id"], 3, 0.1)} and split.heldout
+    assert decide_split(docs, seed=4, fraction=0.1).heldout != split.heldout
+    assert len(decide_split(docs[:5], seed=3, fraction=0.0).heldout) == 1  # at least one held out
+    assert len(decide_split(docs[:2], seed=3, fraction=1.0).heldout) == 1  # at least one left to train on
+    held = next(d for d in docs if d["id"] in split.heldout)
+    copy = {"id": "near-copy", "text": "Some new words first. " + " ".join(held["text"].split()[:30])}
+    with_copy = decide_split(docs + [copy], seed=3, fraction=0.1)
+    assert with_copy.of("near-copy") is None and "near-copy" in with_copy.dropped_overlap  # a run of held-out text
+    write_split(tmp_path / "split.json", with_copy)
+    assert read_split(tmp_path / "split.json") == with_copy
     with pytest.raises(ValueError):
-        split_documents(1, 0.05, seed=3)
+        decide_split(docs[:1], seed=3, fraction=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -706,14 +713,16 @@ def tokenized(tmp_path_factory):
 def test_tokenize_writes_its_roles_and_metrics(tokenized):
     out, docs, result = tokenized
 
-    assert result.outputs == {"tokenizer": "tokenizer", "data": "data", "heldout": "heldout.jsonl"}
+    assert result.outputs == {"tokenizer": "tokenizer", "data": "data", "heldout": "heldout.jsonl",
+                              "split": "split.json"}
     m = result.metrics
     assert m["vocab_size"] == 400
-    assert m["train_docs"] + m["valid_docs"] == len(docs) and m["valid_docs"] == 6
+    split = read_split(out / "split.json")
+    assert m["train_docs"] + m["valid_docs"] + m["train_docs_dropped_overlap"] == len(docs)
+    assert m["valid_docs"] == len(split.heldout) > 0
     assert 1.0 < m["train_chars_per_token"] < 6.0
     json.dumps(m)
-    train_idx, valid_idx = split_documents(len(docs), 0.1, seed=7)
-    assert [d["id"] for d in jsonl(out / "heldout.jsonl")] == [docs[i]["id"] for i in valid_idx]
+    assert [d["id"] for d in jsonl(out / "heldout.jsonl")] == [d["id"] for d in docs if split.of(d["id"]) == "val"]
     assert read_corpus(out.parent / "curate" / "corpus") == docs
 
 
@@ -725,7 +734,9 @@ def test_indexed_dataset_reads_back_exactly_the_tokenizer_ids(tokenized):
 
     out, docs, _ = tokenized
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
-    train_idx, valid_idx = split_documents(len(docs), 0.1, seed=7)
+    split = read_split(out / "split.json")
+    train_idx = [i for i, d in enumerate(docs) if split.of(d["id"]) == "train"]
+    valid_idx = [i for i, d in enumerate(docs) if split.of(d["id"]) == "val"]
     for split, idx in (("train", train_idx), ("valid", valid_idx)):
         ds = IndexedDataset(str(out / "data" / split))
         assert len(ds) == len(idx)

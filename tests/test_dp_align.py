@@ -17,7 +17,7 @@ import pytest
 from pipeline.execution import run_stages, set_world_size
 from pipeline.presets import resolve_configs
 from test_dp_sft import kill_when_written
-from tiny_lm import build_model, doc_paragraphs, save_hf, write_corpus, write_upstream
+from tiny_lm import build_model, doc_paragraphs, save_hf, write_corpus_upstream, write_upstream
 
 pytestmark = pytest.mark.slow
 OVERRIDES = ["align.rm_steps=6", "align.max_steps=30", "align.batch_size=4", "align.checkpoint_every=2",
@@ -35,8 +35,7 @@ def make_run_dir(run_dir: Path, tokenizer, method: str, nproc: int) -> Path:
     """Return a run directory whose curate and sft stages are completed, planned for `nproc` ranks."""
     configs = resolve_configs("smoke", overrides(method))
     set_world_size(configs, ["align"], "local", None, nproc)
-    write_corpus(run_dir / "curate" / "corpus", doc_paragraphs()[:400])
-    write_upstream(run_dir, configs, "curate", {"corpus": "corpus"})
+    write_corpus_upstream(run_dir, configs, doc_paragraphs()[:400])
     save_hf(run_dir / "sft" / "hf", build_model(tokenizer, positions=64), tokenizer)  # as smoke's micro
     write_upstream(run_dir, configs, "sft", {"hf": "hf"})
     return run_dir

@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.execution import run_stages, set_world_size
 from pipeline.presets import resolve_configs
-from tiny_lm import build_model, doc_paragraphs, save_hf, write_corpus, write_upstream
+from tiny_lm import build_model, doc_paragraphs, save_hf, write_corpus_upstream, write_upstream
 
 pytestmark = pytest.mark.slow
 REL_TOL = 1e-5
@@ -34,8 +34,7 @@ def make_run_dir(run_dir: Path, tokenizer, nproc: int) -> Path:
     """Return a run directory whose curate and pretrain stages are completed (tiny corpus and model) for `nproc` ranks."""
     configs = resolve_configs("smoke", OVERRIDES)
     set_world_size(configs, ["sft"], "local", None, nproc)  # pretrain's fingerprint holds its world size
-    write_corpus(run_dir / "curate" / "corpus", doc_paragraphs()[:400])
-    write_upstream(run_dir, configs, "curate", {"corpus": "corpus"})
+    write_corpus_upstream(run_dir, configs, doc_paragraphs()[:400])
     save_hf(run_dir / "pretrain" / "hf", build_model(tokenizer, positions=64), tokenizer)
     write_upstream(run_dir, configs, "pretrain", {"hf": "hf"})
     return run_dir

@@ -27,6 +27,42 @@ def aigc(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
+def assert_no_train_eval_overlap(run_dir: Path) -> None:
+    """No held-out document (evaluate's), nor a 13-gram of one, is in any stage's training data."""
+    import numpy as np
+
+    from curation.corpus import read_corpus
+    from curation.decontam import contaminated
+    from curation.shingles import ngram_hashes
+    from curation.split import NGRAM, read_split
+
+    split = read_split(run_dir / "tokenize" / "split.json")
+    docs = read_corpus(run_dir / "curate" / "corpus")
+    heldout = [d for d in docs if split.of(d["id"]) == "val"]
+    evaluated = [json.loads(line)["id"] for line in (run_dir / "tokenize" / "heldout.jsonl").open()]
+    assert evaluated == [d["id"] for d in heldout] and heldout
+    eval_hashes = np.unique(ngram_hashes([d["text"] for d in heldout], NGRAM, short_docs=False)[0])
+
+    pretrain_docs = [d for d in docs if split.of(d["id"]) == "train"]  # tokenize's train.bin, what pretrain reads
+    tokenize = json.loads((run_dir / "tokenize" / "manifest.json").read_text())["metrics"]
+    assert tokenize["train_docs"] == len(pretrain_docs) and tokenize["valid_docs"] == len(heldout)
+    sft = [json.loads(line) for line in (run_dir / "sft" / "instructions.jsonl").open()]
+    pairs = [json.loads(line) for line in (run_dir / "align" / "pairs.jsonl").open()]
+    trained_on = {
+        "pretrain": [d["text"] for d in pretrain_docs],
+        "sft": [m["content"] for r in sft if r["split"] == "train" for m in r["messages"]],
+        "align": [m["content"] for p in pairs if p["split"] == "train"
+                  for m in p["prompt"] + p["chosen"] + p["rejected"]],
+    }
+    ids = {"sft": {r["id"] for r in sft if r["split"] == "train"},
+           "align": {p["id"] for p in pairs if p["split"] == "train"}}
+    for stage, texts in trained_on.items():
+        assert texts, stage
+        assert not contaminated(texts, eval_hashes, NGRAM).any(), f"{stage} trained on held-out text"
+        assert not ids.get(stage, set()) & split.heldout, stage
+    assert {r["id"] for r in sft if r["split"] == "val"} <= split.heldout  # what evaluate scores as chats
+
+
 def test_smoke_chain_runs_to_a_triton_answer_then_is_fully_cached(tmp_path):
     run_dir = tmp_path / "run"
     dry = aigc("run", "--config", "smoke", "--run-dir", str(run_dir), "--dry-run")
@@ -43,6 +79,7 @@ def test_smoke_chain_runs_to_a_triton_answer_then_is_fully_cached(tmp_path):
     answer = json.loads((run_dir / "serve" / "manifest.json").read_text())["metrics"]
     assert isinstance(answer["answer"], str) and answer["answer"].strip()
     assert "Triton answered" in first.stdout
+    assert_no_train_eval_overlap(run_dir)
 
     started = time.time()
     second = aigc("run", "--config", "smoke", "--run-dir", str(run_dir))

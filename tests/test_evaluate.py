@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from curation.split import by_hash
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
 from recipes import hf_lm, prompt_eval
@@ -150,7 +151,7 @@ def test_evaluate_stage_through_the_runner(tmp_path, tokenizer):
         for d in heldout:
             f.write(json.dumps(d) + "\n")
     write_upstream(run_dir, configs, "tokenize", {"heldout": "heldout.jsonl"})
-    chats = build_instructions(doc_paragraphs()[100:160], seed=2, heldout_fraction=0.3, chat_chars=200)
+    chats = build_instructions(doc_paragraphs()[100:160], seed=2, split_of=by_hash(2, 0.3), chat_chars=200)
     for seed, name in enumerate(("pretrain", "sft", "align")):
         save_hf(run_dir / name / "hf", build_model(tokenizer, seed=seed), tokenizer)
         outputs = {"hf": "hf"}

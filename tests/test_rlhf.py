@@ -18,6 +18,7 @@ from alignment.reward_model import LoopSettings, encode_pairs, pairwise_accuracy
 from alignment.rewards import function_reward, import_function, model_reward
 from alignment.rl_loop import RLTask
 from alignment.stages import AlignConfig
+from curation.split import by_hash
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
 from recipes import hf_lm
@@ -66,7 +67,7 @@ def test_batched_rollouts_match_one_row_at_a_time(tokenizer, docs):
 def test_reward_model_scores_like_hf_and_learns_a_planted_preference(tokenizer, docs, tmp_path):
     save_hf(tmp_path / "sft", build_model(tokenizer, seed=3), tokenizer)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "sft", num_labels=1, dtype=torch.float32)
-    pairs = build_pairs(docs[:600], 5, 0.2, "shuffled", 160)  # chosen: the real sentence; rejected: its words shuffled
+    pairs = build_pairs(docs[:600], 5, by_hash(5, 0.2), "shuffled", 160)  # chosen: the real sentence; rejected: its words shuffled
     train = encode_pairs(tokenizer, [p for p in pairs if p["split"] == "train"], 128)
     val = encode_pairs(tokenizer, [p for p in pairs if p["split"] == "val"][:32], 128)
 

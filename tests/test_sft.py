@@ -14,6 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from curation.corpus import read_corpus
+from curation.split import by_hash, decide_split, write_split
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
 from pipeline.stage import StageContext
@@ -28,7 +29,7 @@ from recipes.instructions import (
 from recipes.sft import add_lora, fine_tune, load_records
 from recipes.sft_recipes import RECIPES, resolve_config
 from recipes.stages import SFTConfig
-from tiny_lm import build_model, doc_paragraphs, save_hf, write_corpus, write_upstream
+from tiny_lm import build_model, doc_paragraphs, save_hf, write_corpus_upstream, write_upstream
 
 torch.set_num_threads(1)
 
@@ -64,7 +65,7 @@ def test_truncation_keeps_the_start(tokenizer):
 
 
 def test_chat_template_round_trip(tokenizer, docs, tmp_path):
-    records = build_instructions(docs[:80], seed=7, heldout_fraction=0.2, chat_chars=320)
+    records = build_instructions(docs[:80], seed=7, split_of=by_hash(7, 0.2), chat_chars=320)
     path = write_jsonl(tmp_path / "instructions.jsonl", records)
     assert read_instructions(path) == records
     user, answer = records[0]["messages"]
@@ -78,13 +79,13 @@ def test_chat_template_round_trip(tokenizer, docs, tmp_path):
 
 
 def test_instructions_are_seeded_and_split_by_document(docs):
-    a = build_instructions(docs, seed=1, heldout_fraction=0.1, chat_chars=320)
-    assert a == build_instructions(docs, seed=1, heldout_fraction=0.1, chat_chars=320)
-    assert a != build_instructions(docs, seed=2, heldout_fraction=0.1, chat_chars=320)
+    a = build_instructions(docs, seed=1, split_of=by_hash(1, 0.1), chat_chars=320)
+    assert a == build_instructions(docs, seed=1, split_of=by_hash(1, 0.1), chat_chars=320)
+    assert a != build_instructions(docs, seed=2, split_of=by_hash(2, 0.1), chat_chars=320)
     shuffled = docs[:]
     random.Random(0).shuffle(shuffled)
     split = {r["id"]: r["split"] for r in a}
-    again = build_instructions(shuffled, seed=1, heldout_fraction=0.1, chat_chars=320)
+    again = build_instructions(shuffled, seed=1, split_of=by_hash(1, 0.1), chat_chars=320)
     assert split == {r["id"]: r["split"] for r in again}
     val = sum(s == "val" for s in split.values())
     assert 0.05 * len(a) < val < 0.15 * len(a)
@@ -150,8 +151,11 @@ def test_sft_builds_the_same_instructions_from_a_parquet_corpus_as_from_jsonl(tm
     built = {}
     for fmt in ("jsonl", "parquet"):
         write_shards(tmp_path / fmt / "curate" / "corpus", docs, docs_per_shard=15, output_format=fmt)
+        (tmp_path / fmt / "tokenize").mkdir()
+        write_split(tmp_path / fmt / "tokenize" / "split.json", decide_split(docs.to_dict("records"), 3, 0.1))
         ctx = StageContext(name="sft", config=cfg, run_dir=tmp_path / fmt, out_dir=tmp_path / fmt / "sft.tmp",
-                           inputs={"curate": {"outputs": {"corpus": {"path": "corpus"}}}}, seed=3)
+                           inputs={"curate": {"outputs": {"corpus": {"path": "corpus"}}},
+                                   "tokenize": {"outputs": {"split": {"path": "split.json"}}}}, seed=3)
         built[fmt] = load_records(ctx, cfg, max_length=256)
 
     records, counts = built["parquet"]
@@ -180,7 +184,8 @@ def tuned_adapter(base_dir, examples, pad_id, **overrides):
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_adapter_reloads_in_peft_and_merges_into_base(tokenizer, docs, base_dir, tmp_path, use_dora):
-    examples = [hf_lm.encode_chat(tokenizer, r["messages"], 128) for r in build_instructions(docs[:60], 3, 0.0, 320)]
+    records = build_instructions(docs[:60], 3, by_hash(3, 0.0), 320)
+    examples = [hf_lm.encode_chat(tokenizer, r["messages"], 128) for r in records]
     adapted, model, batch = tuned_adapter(base_dir, examples, tokenizer.pad_token_id, use_dora=use_dora)
 
     model.save_pretrained(tmp_path / "adapter")
@@ -202,8 +207,7 @@ def test_adapter_reloads_in_peft_and_merges_into_base(tokenizer, docs, base_dir,
 def test_sft_stage_through_the_runner(tmp_path, tokenizer, docs):
     run_dir = tmp_path / "run"
     configs = resolve_configs("smoke", ["sft.max_steps=20", "sft.learning_rate=1e-2"])
-    write_corpus(run_dir / "curate" / "corpus", docs[:400])
-    write_upstream(run_dir, configs, "curate", {"corpus": "corpus"})
+    write_corpus_upstream(run_dir, configs, docs[:400])
     save_hf(run_dir / "pretrain" / "hf", build_model(tokenizer, positions=64), tokenizer)  # as smoke's micro
     write_upstream(run_dir, configs, "pretrain", {"hf": "hf"})
 
@@ -275,7 +279,7 @@ def test_packed_rows_give_each_example_the_loss_it_has_alone(tokenizer, docs, ba
     model, _ = hf_lm.load_causal_lm(base_dir)
     for p in model.parameters():  # sharper attention than the 0.02 init, so leaks between examples would show
         p.data.mul_(3.0)
-    records = build_instructions(docs[:30], seed=5, heldout_fraction=0.0, chat_chars=320)
+    records = build_instructions(docs[:30], seed=5, split_of=by_hash(5, 0.0), chat_chars=320)
     examples = [hf_lm.encode_chat(tokenizer, r["messages"], 256) for r in records[:7]]
     rows = hf_lm.pack_examples(examples, 512, packing=True)
     assert len(rows) < len(examples) and max(len(r["input_ids"]) for r in rows) <= 512
@@ -349,7 +353,7 @@ def test_both_instruction_shapes_are_read_and_bad_records_rejected_with_line_num
 
 def test_full_sft_on_user_files_with_packing_through_the_runner(tmp_path, tokenizer, docs):
     """Full fine-tuning of every weight on a user's Alpaca-shaped file with a malformed line, packed rows."""
-    records = build_instructions(docs[:200], seed=4, heldout_fraction=0.0, chat_chars=60)
+    records = build_instructions(docs[:200], seed=4, split_of=by_hash(4, 0.0), chat_chars=60)
     data = tmp_path / "mine.jsonl"
     lines = [json.dumps({"instruction": r["messages"][0]["content"], "output": r["messages"][1]["content"]})
              for r in records[:120]]
@@ -359,8 +363,7 @@ def test_full_sft_on_user_files_with_packing_through_the_runner(tmp_path, tokeni
     configs = resolve_configs("smoke", ["sft.mode=full", f"sft.data_files={data}", "sft.packing=true",
                                         "sft.max_steps=12", "sft.learning_rate=3e-3", "sft.batch_size=2",
                                         "sft.grad_accum_steps=2", "sft.heldout_fraction=0.2"])
-    write_corpus(run_dir / "curate" / "corpus", docs[:10])
-    write_upstream(run_dir, configs, "curate", {"corpus": "corpus"})
+    write_corpus_upstream(run_dir, configs, docs[:10])
     save_hf(run_dir / "pretrain" / "hf", build_model(tokenizer, positions=128), tokenizer)
     write_upstream(run_dir, configs, "pretrain", {"hf": "hf"})
 

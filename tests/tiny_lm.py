@@ -35,6 +35,18 @@ def write_corpus(directory: Path, docs: list[dict], shards: int = 2) -> Path:
     return directory
 
 
+def write_corpus_upstream(run_dir: Path, configs: dict, docs: list[dict]) -> None:
+    """Mark curate (`docs` as its corpus) and tokenize (their split, curation.split) completed in `run_dir`."""
+    from curation.split import decide_split, write_split
+
+    write_corpus(run_dir / "curate" / "corpus", docs)
+    write_upstream(run_dir, configs, "curate", {"corpus": "corpus"})
+    (run_dir / "tokenize").mkdir(parents=True, exist_ok=True)
+    write_split(run_dir / "tokenize" / "split.json",
+                decide_split(docs, configs["run"].seed, configs["tokenize"].valid_fraction))
+    write_upstream(run_dir, configs, "tokenize", {"split": "split.json"})
+
+
 def build_tokenizer(tmp_dir: Path, vocab_size: int = 512):
     """Return the HF tokenizer the tokenize stage would save, trained here on pydoc text."""
     from transformers import AutoTokenizer
