@@ -7,8 +7,12 @@ same over the answer tokens of the sft stage's held-out chats, rendered with
 the chat template. Prompting accuracy is "which sentence comes next?"
 multiple choice (recipes.prompt_eval) over items built from the held-out
 documents, zero-shot and few-shot, the same items for every model. Samples
-are greedy replies (HF generate with KV cache) to fixed chat prompts. All of
-it goes to report.json; the items to prompt_items.jsonl.
+are greedy replies (HF generate with KV cache) to fixed chat prompts. The
+first `lm_eval_documents` held-out documents are also scored by
+lm-evaluation-harness (recipes.lm_harness: its rolling log-likelihood task,
+word/byte perplexity and bits per byte, comparable across tokenizers). All of
+it goes to report.json; the items to prompt_items.jsonl, lm-eval's documents
+to lm_eval_documents.jsonl.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.stage import StageContext, StageResult
-from recipes import hf_lm, prompt_eval
+from recipes import hf_lm, lm_harness, prompt_eval
 from recipes.instructions import read_instructions, read_jsonl, write_jsonl
 from recipes.stages import EvaluateConfig
 
@@ -37,12 +41,14 @@ def check_document(record: object, where: str) -> None:
 
 
 def evaluate_model(
-    name: str, model_dir: Path, docs: list[dict], chats: list[dict], items: list[dict], cfg: EvaluateConfig, seed: int
+    name: str, model_dir: Path, docs: list[dict], chats: list[dict], items: list[dict], cfg: EvaluateConfig, seed: int,
+    lm_eval_docs: Path | None = None,
 ) -> dict:
-    """Return {"perplexity", "nll", "tokens", "instructions", "accuracy", "samples"} of the HF checkpoint `name`.
+    """Return {"perplexity", "nll", "tokens", "instructions", "accuracy", "samples", "lm_eval"} of checkpoint `name`.
 
     "instructions": {"perplexity", "nll", "tokens"} on the answers of `chats`;
-    "accuracy": template -> share of `items` answered right.
+    "accuracy": template -> share of `items` answered right; "lm_eval":
+    lm_harness.score_heldout on the documents of `lm_eval_docs` (None: not run).
     """
     model, tokenizer = hf_lm.load_causal_lm(model_dir)
     max_length = hf_lm.context_length(model, cfg.max_length)
@@ -66,6 +72,8 @@ def evaluate_model(
         "accuracy": {t: r["accuracy"] for t, r in accuracy.items()},
         "predictions": {t: r["predictions"] for t, r in accuracy.items()},
         "samples": samples,
+        "lm_eval": lm_harness.score_heldout(model, tokenizer, lm_eval_docs, max_length, cfg.batch_size)
+        if lm_eval_docs else None,
     }
 
 
@@ -84,8 +92,12 @@ def run(ctx: StageContext) -> StageResult:
     if cfg.prompt_items and not items:
         raise ValueError(f"no prompting item could be built from the {len(docs)} held-out documents")
     write_jsonl(ctx.out_dir / "prompt_items.jsonl", items)
+    lm_eval_docs = ctx.out_dir / "lm_eval_documents.jsonl"
+    write_jsonl(lm_eval_docs, [{"id": d["id"], "text": d["text"]} for d in docs[: cfg.lm_eval_documents]])
     results = {
-        name: evaluate_model(name, ctx.input_path(name, "hf"), docs, chats, items, cfg, ctx.seed) for name in MODELS
+        name: evaluate_model(name, ctx.input_path(name, "hf"), docs, chats, items, cfg, ctx.seed,
+                             lm_eval_docs if cfg.lm_eval_documents else None)
+        for name in MODELS
     }
     report = {
         "heldout": {"path": str(heldout_path.relative_to(ctx.run_dir)), "documents": len(docs)},
@@ -106,9 +118,13 @@ def run(ctx: StageContext) -> StageResult:
         metrics[f"{name}_instr_nll"] = round(r["instructions"]["nll"], 5)
         for template, acc in r["accuracy"].items():
             metrics[f"{name}_acc_{template}"] = round(acc, 4)
+        if r["lm_eval"]:
+            metrics[f"{name}_lmeval_bits_per_byte"] = round(r["lm_eval"]["bits_per_byte"], 4)
+            metrics[f"{name}_lmeval_byte_ppl"] = round(r["lm_eval"]["byte_perplexity"], 4)
     metrics["wall_time_s"] = round(time.time() - started, 2)
     _print_summary(results, len(items))
-    return StageResult(outputs={"report": "report.json", "prompt_items": "prompt_items.jsonl"}, metrics=metrics)
+    return StageResult(outputs={"report": "report.json", "prompt_items": "prompt_items.jsonl",
+                                "lm_eval_documents": "lm_eval_documents.jsonl"}, metrics=metrics)
 
 
 def _print_summary(results: dict, items: int) -> None:
