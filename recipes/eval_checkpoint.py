@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from recipes import hf_lm
+from recipes import hf_lm, lm_harness
 from recipes.evaluate import check_document
 from recipes.generate import generate, hf_next_logits
 from recipes.instructions import read_jsonl
@@ -59,10 +59,12 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     max_batches: int = 0,
     seed: int = 0,
+    lm_eval_tasks: tuple[str, ...] = (),
 ) -> dict:
-    """Return {"perplexity", "nll", "tokens", "samples"} of the HF checkpoint at `path` on JSONL `heldout`.
+    """Return {"perplexity", "nll", "tokens", "samples", "lm_eval"} of the HF checkpoint at `path` on JSONL `heldout`.
 
-    `samples` holds {"prompt", "greedy", "sampled"} per prompt; max_batches 0 scores every document.
+    `samples` holds {"prompt", "greedy", "sampled"} per prompt; max_batches 0 scores every document;
+    `lm_eval` the figures of lm-evaluation-harness tasks `lm_eval_tasks` (recipes.lm_harness.run_tasks).
     Raises InputError, before loading the model where it can, on a held-out file or checkpoint that cannot
     be read.
     """
@@ -87,7 +89,12 @@ def evaluate_checkpoint(
         {"prompt": p, **continuations(model, tokenizer, p, max_new_tokens, temperature, top_k, top_p, seed)}
         for p in prompts
     ]
-    return {"perplexity": hf_lm.perplexity(nll), "nll": nll, "tokens": tokens, "samples": samples}
+    try:
+        harness = lm_harness.run_tasks(model, tokenizer, list(lm_eval_tasks), heldout, length, batch_size) \
+            if lm_eval_tasks else {}
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    return {"perplexity": hf_lm.perplexity(nll), "nll": nll, "tokens": tokens, "samples": samples, "lm_eval": harness}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batches", type=int, default=0, help="held-out batches scored; 0 = all")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lm-eval-tasks", default="", metavar="NAMES",
+                        help=f"comma-separated lm-evaluation-harness tasks: {lm_harness.TASK} (the --heldout documents, "
+                        "rolling log-likelihood: word/byte perplexity, bits per byte) or any task lm-eval registers "
+                        "(e.g. hellaswag, arc_easy) whose dataset is already in the local HF cache (no downloads)")
     parser.add_argument("--out", type=Path, help="also write the report here as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             args.top_p,
             max_batches=args.max_batches,
             seed=args.seed,
+            lm_eval_tasks=tuple(t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()),
         )
     except InputError as exc:
         print(f"aigc eval-checkpoint: {exc}", file=sys.stderr)
@@ -130,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     for s in report["samples"]:
         table.add_row(Text(s["prompt"]), Text(repr(s["greedy"])), Text(repr(s["sampled"])))  # not markup
     Console().print(table)
+    if report["lm_eval"]:
+        harness = Table(title="lm-evaluation-harness")
+        for column in ("task", "metric", "value"):
+            harness.add_column(column)
+        for task, figures in report["lm_eval"].items():
+            for metric, value in figures.items():
+                harness.add_row(Text(task), Text(metric), f"{value:.4f}" if isinstance(value, float) else Text(str(value)))
+        Console().print(harness)
     return 0
 
 

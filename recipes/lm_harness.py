@@ -38,11 +38,10 @@ def heldout_task(documents: Path, eos: str) -> dict:
     }
 
 
-def score_heldout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, documents: Path, max_length: int,
-                  batch_size: int) -> dict:
-    """Return lm-eval's figures on the documents: {"loglikelihood" (summed), "documents", "word_perplexity",
-    "byte_perplexity", "bits_per_byte"}."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a local file: nothing to download
+def _simple_evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list, max_length: int,
+                     batch_size: int) -> dict:
+    """Return lm-eval's simple_evaluate results of `tasks` (configs or registered names) on the loaded model."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing is downloaded at run time
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -50,8 +49,15 @@ def score_heldout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, do
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
               prefix_token_id=tokenizer.eos_token_id)
     with contextlib.redirect_stderr(io.StringIO()):  # its progress bars and "not a git repository" notes
-        results = simple_evaluate(model=lm, tasks=[heldout_task(documents, tokenizer.eos_token)], log_samples=True,
-                                  verbosity="WARNING")
+        return simple_evaluate(model=lm, tasks=tasks, log_samples=True, verbosity="WARNING")
+
+
+def score_heldout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, documents: Path, max_length: int,
+                  batch_size: int) -> dict:
+    """Return lm-eval's figures on the documents: {"loglikelihood" (summed), "documents", "word_perplexity",
+    "byte_perplexity", "bits_per_byte"}."""
+    results = _simple_evaluate(model, tokenizer, [heldout_task(documents, tokenizer.eos_token)], max_length,
+                               batch_size)
     figures = results["results"][TASK]
     samples = results["samples"][TASK]
     return {
@@ -59,6 +65,21 @@ def score_heldout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, do
         "documents": len(samples),
         **{k: figures[f"{k},none"] for k in ("word_perplexity", "byte_perplexity", "bits_per_byte")},
     }
+
+
+def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, names: list[str], documents: Path,
+              max_length: int, batch_size: int) -> dict[str, dict]:
+    """Return {task: {metric: value}} of lm-eval tasks `names`: TASK is ours over `documents`, any other name an
+    lm-eval registered task, whose dataset must already be on this machine (HF cache). Raises ValueError in one
+    line where a task is unknown or its data cannot be read offline."""
+    tasks = [heldout_task(documents, tokenizer.eos_token) if n == TASK else n for n in names]
+    try:
+        results = _simple_evaluate(model, tokenizer, tasks, max_length, batch_size)
+    except Exception as exc:  # lm-eval and datasets raise many kinds; the user needs the first line
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ValueError(f"lm-eval tasks {', '.join(names)}: {type(exc).__name__}: {first}") from None
+    return {task: {k.split(",")[0]: v for k, v in figures.items() if "," in k and "stderr" not in k}
+            for task, figures in results["results"].items()}
 
 
 def _loglikelihood(response) -> float:

@@ -596,6 +596,16 @@ def test_evaluate_checkpoint_scores_and_continues_an_hf_checkpoint(smoke_run, tm
     assert report["perplexity"] < VOCAB  # trained: better than uniform over the vocabulary
     (sample,) = report["samples"]
     assert sample["prompt"] == "The import statement" and sample["greedy"] and sample["sampled"]
+    assert report["lm_eval"] == {}
+
+    from recipes.eval_checkpoint import InputError
+
+    harness = evaluate_checkpoint(run_dir / "pretrain" / "hf", heldout, (), lm_eval_tasks=("aigc_heldout",))["lm_eval"]
+    assert set(harness["aigc_heldout"]) >= {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    assert 0 < harness["aigc_heldout"]["bits_per_byte"] < 16
+    with pytest.raises(InputError, match="lm-eval tasks no_such_task") as failure:
+        evaluate_checkpoint(run_dir / "pretrain" / "hf", heldout, (), lm_eval_tasks=("no_such_task",))
+    assert "\n" not in str(failure.value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU path needs CUDA")
