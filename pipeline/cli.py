@@ -3,6 +3,7 @@
     aigc run [--config tiny] [--run-dir runs/tiny] [--executor local|slurm] [--nproc-per-node N] [--dry-run] [key=value ...]
     aigc run --executor slurm [--cluster NAME] [--cluster-profile PATH] [--detach] [...]
     aigc status [--run-dir runs/tiny]        (Slurm job ids and states too)
+    aigc report [--run-dir runs/tiny] [--output FILE] [--serve [--port N]]   (one self-contained HTML file)
     aigc logs STAGE [--run-dir runs/tiny]    / aigc cancel [STAGE ...] [--run-dir runs/tiny]
     aigc <stage> [--config tiny] [--run-dir DIR] [key=value ...]     (also runs missing upstream stages)
     aigc curate --input PATH [PATH ...] --output DIR [key=value ...]
@@ -31,7 +32,7 @@ from pipeline.config import ConfigError, RunConfig
 from pipeline.execution import EXECUTORS, run_stages, sbatch_scripts, set_world_size
 from pipeline.presets import preset_names, resolve_configs
 from pipeline.run_lock import RunDirLocked, run_dir_lock
-from pipeline.runner import make_plan, stage_dir, stage_state
+from pipeline.runner import make_plan, stage_dir, stage_state, stage_states
 from pipeline.stage import DEFAULT_CHAIN, get_stage, load_registry, upstream_closure
 
 RUN_CONFIG_FILE = "config.json"
@@ -109,6 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show each stage: state, wall time, key metrics, its job")
     p.add_argument("--run-dir", default="runs/tiny", help="run directory (default: runs/tiny)")
 
+    p = sub.add_parser(
+        "report", help="write one self-contained HTML report of a run (graph, metrics, curves, samples, images)",
+        description="Write one self-contained HTML file of a run: the stage graph with each stage's state "
+        "(completed / failed / stale / not run, as `aigc status` judges it), wall time and fingerprint; each "
+        "stage's metrics; loss/reward/KL curves drawn from the stages' logs; sample generations (evaluate, "
+        "serve); the images the stages wrote (loss curves, t2i sample grids, NeRF renders and turntable GIF); "
+        "and the lineage of every artifact (outputs with sha256, the upstream fingerprints each stage read). "
+        "Images are inlined as data URIs and nothing is loaded from the network: the file opens anywhere, "
+        "offline. Works on a partial run and on a multimodal-only run dir.")
+    p.add_argument("--run-dir", default="runs/tiny", help="run directory (default: runs/tiny)")
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="where to write the HTML (default: <run-dir>/report.html)")
+    p.add_argument("--serve", action="store_true",
+                   help="then serve it on http://127.0.0.1:PORT/ (this machine only) until Ctrl-C")
+    p.add_argument("--port", type=int, default=None, metavar="N",
+                   help="port of --serve (default: 8088; 0: any free port)")
+
     p = sub.add_parser("logs", help="print the log of a stage's last job (local or Slurm)")
     p.add_argument("stage", help="stage name")
     p.add_argument("--run-dir", default="runs/tiny", help="run directory (default: runs/tiny)")
@@ -184,17 +202,7 @@ def _status_table(run_dir: Path, configs: dict[str, Any] | None, names: list[str
         table.add_column(col)
     colours = {"completed": "green", "failed": "red", "stale": "yellow", "not run": "dim",
                "pending": "cyan", "running": "cyan"}
-    for name in names:
-        final = stage_dir(run_dir, name)
-        if name in fps:
-            state, record = stage_state(final, fps[name])
-        else:
-            record = None
-            state = "not run"
-            manifest = final / "manifest.json"
-            if manifest.is_file():
-                record = json.loads(manifest.read_text())
-                state = record.get("status", "unknown")
+    for name, (state, record) in stage_states(run_dir, names, fps).items():
         wall = f"{record['wall_time_s']:.1f}" if record and "wall_time_s" in record else ""
         detail = ""
         if record:
@@ -362,6 +370,39 @@ def cmd_logs(run_dir: Path, stage: str) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the run's HTML report (and serve it with --serve); return the exit code."""
+    from pipeline import report
+
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: a TCP port, 0 to 65535 (0: any free port)")
+    if args.port is not None and not args.serve:
+        raise ConfigError("--port is the port of --serve: add --serve")
+    run_dir = _existing_run_dir(args.run_dir)
+    output = Path(args.output) if args.output else run_dir / report.REPORT_FILE
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a directory: name the HTML file to write")
+    chain = _saved_chain(run_dir)
+    names = report.report_stages(run_dir, chain)
+    configs = _load_run_configs(run_dir)
+    chain_names = [n for n in names if n in load_registry().chains.get(chain, ())]
+    fingerprints = {p.name: p.fingerprint for p in make_plan(run_dir, configs, chain_names)} if configs else {}
+    saved = json.loads((run_dir / RUN_CONFIG_FILE).read_text()) if (run_dir / RUN_CONFIG_FILE).is_file() else None
+    try:
+        report.write_report(run_dir, output, names, fingerprints, saved)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the report to {output}: {exc.strerror or exc}") from None
+    console.print(f"wrote {output} ({len(names)} stages, {output.stat().st_size / 1024:.0f} KiB)", markup=False,
+                  soft_wrap=True)
+    if args.serve:
+        server_port = report.DEFAULT_PORT if args.port is None else args.port
+        try:
+            report.serve(output, server_port, announce=lambda line: console.print(line, markup=False, soft_wrap=True))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {report.SERVE_HOST}:{server_port}: {exc.strerror or exc}") from None
+    return 0
+
+
 def _print_answer(run_dir: Path) -> None:
     """Print the Triton answer recorded by the serve stage, where there is one."""
     manifest = stage_dir(run_dir, "serve") / "manifest.json"
@@ -389,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             names = list(load_registry().chain(_saved_chain(run_dir)))
             console.print(_status_table(run_dir, _load_run_configs(run_dir), names))
             return 0
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "logs":
             return cmd_logs(_existing_run_dir(args.run_dir), args.stage)
         if args.command == "cancel":

@@ -452,3 +452,20 @@ def stage_state(final: Path, fingerprint: str) -> tuple[str, dict | None]:
     if done:
         return "stale", done
     return "not run", None
+
+
+def stage_states(run_dir: Path, names: list[str], fingerprints: dict[str, str]) -> dict[str, tuple[str, dict | None]]:
+    """Return name -> (state, record) of each stage, what `aigc status` and `aigc report` show.
+
+    A stage with a planned fingerprint is judged against it (`stage_state`); one without (no saved
+    run config) by its manifest alone: its recorded status, or 'not run' where it has none.
+    """
+    states: dict[str, tuple[str, dict | None]] = {}
+    for name in names:
+        final = stage_dir(run_dir, name)
+        if name in fingerprints:
+            states[name] = stage_state(final, fingerprints[name])
+        else:
+            record = mf.read_manifest(final)
+            states[name] = (record.get("status", "unknown"), record) if record else ("not run", None)
+    return states
