@@ -16,5 +16,11 @@ PYTHON=${PYTHON:-python3}
 "$PYTHON" -m pip install --quiet --disable-pip-version-check -e .
 "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps nemo-run==0.11.1 torchx==0.7.0
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi  # puts the new `aigc` script on PATH
+# Chromium from the OS for the tests that open `aigc report` pages in a real browser (Playwright drives it;
+# Playwright's own browser download is never used). Debian/Ubuntu as root: apt-get; elsewhere those tests skip.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+    >/dev/null || echo "install: could not install chromium with apt-get; the report browser tests will skip"
+fi
 "$PYTHON" -c "import nemo_run, megatron.core, nemo_curator, tritonclient, pytriton" 2>/dev/null \
   && echo "aigc installed: run 'aigc run' (or 'aigc --help')"
