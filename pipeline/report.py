@@ -40,7 +40,7 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'n
 IMAGE_TYPES = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 MAX_IMAGE_BYTES = 8 << 20  # one image larger than this is listed, not inlined
 MAX_TOTAL_IMAGE_BYTES = 64 << 20  # the page's whole image budget
-MAX_DIR_IMAGES = 8  # images shown of one output directory (spread over it, first and last included)
+MAX_DIR_IMAGES = 6  # images shown of one output directory (spread over it, first and last included)
 MAX_LOG_BYTES = 32 << 20  # logs and JSON read for curves and samples
 MAX_PLOT_POINTS = 1500
 STATE_COLOURS = {  # state -> (text, fill)
@@ -399,7 +399,7 @@ def img_tag(image: Image, run_dir: Path) -> str:
         return f'<figure class="missing"><figcaption>{esc(image.label)} ({rel}): {esc(image.skipped)}</figcaption></figure>'
     size = ""
     if 0 < image.width < 200:  # small renders: scaled up, pixels kept sharp
-        scale = max(1, 256 // image.width)
+        scale = max(1, 160 // image.width)
         size = f' width="{image.width * scale}" height="{image.height * scale}" class="px"'
     elif image.width:
         size = f' width="{image.width}" height="{image.height}"'
@@ -509,8 +509,8 @@ def svg_graph(views: list[StageView]) -> str:
             f'<a href="#stage-{esc(slug(view.name))}"><g class="node" data-stage="{esc(view.name)}">'
             f'<rect x="{x}" y="{y}" width="{node_w}" height="{node_h}" rx="6" fill="{fill}" stroke="{ink}"/>'
             f'<text x="{x + 8}" y="{y + 17}" class="nn">{esc(view.name)}</text>'
-            f'<text x="{x + node_w - 8}" y="{y + 17}" class="ns" text-anchor="end" fill="{ink}">{esc(view.state)}'
-            f'</text><text x="{x + 8}" y="{y + 35}" class="nw">{esc(wall)}</text>'
+            f'<text x="{x + 8}" y="{y + 34}" class="ns" fill="{ink}">{esc(view.state)}</text>'
+            f'<text x="{x + node_w - 8}" y="{y + 34}" class="nw" text-anchor="end">{esc(wall)}</text>'
             f'<text x="{x + 8}" y="{y + 52}" class="nf">{esc(view.fingerprint or "no fingerprint")}</text>'
             f'<title>{esc(view.name)}: {esc(view.state)}, {esc(wall)}, fingerprint '
             f'{esc(view.fingerprint or "–")}</title></g></a>')
