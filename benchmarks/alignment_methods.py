@@ -28,6 +28,7 @@ from rich.table import Table  # noqa: E402
 
 from pipeline.presets import resolve_configs  # noqa: E402
 from pipeline.runner import configs_to_json, execute_stage  # noqa: E402
+from record import save  # noqa: E402
 
 UPSTREAM = ("curate", "tokenize", "pretrain", "sft")
 COLUMNS = (  # (metric, header)
@@ -58,12 +59,16 @@ def main() -> None:
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--run-dir", default="runs/align-bench")
     parser.add_argument("--methods", default="dpo,ppo,grpo,steerlm")
+    parser.add_argument("--reuse-upstream", action="store_true",
+                        help="use the finished curate..sft stages of RUN_DIR as they are (e.g. those of benchmarks/chain.py)")
     parser.add_argument("overrides", nargs="*", help="key=value settings for every stage, e.g. align.rm_steps=30")
     args = parser.parse_args()
 
     run_dir = str(Path(args.run_dir).resolve())
     configs = resolve_configs(args.config, args.overrides)
     for stage in UPSTREAM:
+        if args.reuse_upstream and (Path(run_dir) / stage / "manifest.json").is_file():
+            continue  # a finished upstream stage, used as it is even if its code changed since
         execute_stage(run_dir, stage, configs_to_json(configs))
     results = {}
     for method in args.methods.split(","):
@@ -84,6 +89,7 @@ def main() -> None:
         table.add_row(method, *(f"{metrics[key]:.3f}" if isinstance(metrics[key], float) else str(metrics[key])
                                 for key, _ in COLUMNS), method_figure(metrics))
     Console().print(table)
+    save("alignment_methods", {"config": args.config, "overrides": args.overrides, "methods": results})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from curation.stages import CurateConfig
 from curation.synthetic import SyntheticCorpus, dedup_scores, generate
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
+from record import PeakMemory, save
 
 CHAIN_OVERRIDES = [  # the standard chain: no language id, PII, decontamination or classifier; every rule on
     "curate.languages=",
@@ -51,39 +51,6 @@ CHAIN_OVERRIDES = [  # the standard chain: no language id, PII, decontamination 
     "curate.max_docs=0",
     "curate.docs_per_shard=1000000",
 ]
-
-
-class PeakMemory:
-    """Samples the summed RSS of a process and its descendants in a thread; `peak` is the maximum in bytes."""
-
-    def __init__(self, pid: int, interval: float = 0.2):
-        self.pid, self.interval, self.peak = pid, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            try:
-                root = psutil.Process(self.pid)
-                procs = [root, *root.children(recursive=True)]
-                total = 0
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                self.peak = max(self.peak, total)
-            except psutil.Error:
-                pass
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def write_corpus(corpus: SyntheticCorpus, out_dir: Path, shards: int) -> None:
@@ -188,7 +155,7 @@ def report(results: dict, corpus: SyntheticCorpus, n_docs: int, ray_s: float) ->
 
 
 def main() -> None:
-    """Generate the corpus, run the chains, print and optionally save the figures."""
+    """Generate the corpus, run the chains, print and save the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=20000, help="documents to generate")
     parser.add_argument("--shards", type=int, default=8, help="JSONL files the corpus is written to")
@@ -196,7 +163,7 @@ def main() -> None:
     parser.add_argument("--datatrove-python", default=".venv-datatrove/bin/python",
                         help="python of a venv with datatrove 0.10.1 (see benchmarks/datatrove_chain.py)")
     parser.add_argument("--no-plain", action="store_true", help="skip the single-process run")
-    parser.add_argument("--json", default="", help="also write the figures to this file")
+    parser.add_argument("--json", help="write the figures here instead of benchmarks/results/curate_throughput.json")
     args = parser.parse_args()
 
     corpus = generate(args.docs, seed=0)
@@ -217,8 +184,7 @@ def main() -> None:
         else:
             print(f"datatrove skipped: no {args.datatrove_python} (see benchmarks/datatrove_chain.py)", file=sys.stderr)
     figures = report(results, corpus, args.docs, ray_s)
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    save("curate_throughput", figures, args.json)
 
 
 if __name__ == "__main__":

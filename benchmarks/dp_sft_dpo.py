@@ -27,6 +27,7 @@ from rich.table import Table  # noqa: E402
 
 from pipeline.execution import run_stages  # noqa: E402
 from pipeline.presets import resolve_configs  # noqa: E402
+from record import save  # noqa: E402
 
 # (name, ranks, threads per rank)
 LAYOUTS = (("1 rank x 1 thread", 1, 1), ("1 rank x 2 threads", 1, 2), ("DP2 (2 ranks x 1 thread)", 2, 1))
@@ -72,6 +73,8 @@ def main() -> None:
                       f"{m['align']['tokens_per_s'] / base['align']['tokens_per_s']:.2f}x",
                       f"{m['align']['train_loss_end']:.4f}")
     Console().print(table)
+    save("dp_sft_dpo", {"config": args.config, "overrides": common, "dpo_batch": configs['align'].batch_size,
+                        "layouts": results})
 
 
 if __name__ == "__main__":

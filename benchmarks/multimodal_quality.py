@@ -39,6 +39,7 @@ from pipeline.manifest import read_manifest  # noqa: E402
 from pipeline.presets import resolve_configs  # noqa: E402
 from pipeline.runner import make_plan  # noqa: E402
 from pipeline.stage import load_registry  # noqa: E402
+from record import save  # noqa: E402
 
 from multimodal.t2i_data import class_prompts, read_caption_set  # noqa: E402
 from multimodal.t2i_judge import build_judge, judge_images  # noqa: E402
@@ -65,8 +66,8 @@ def run_chain(run_dir: Path, chain: str, configs: dict) -> dict[str, dict]:
     return {name: read_manifest(run_dir / name) for name in names}
 
 
-def bench_t2i(run_dir: Path, configs: dict, settings: list[tuple[str, int, float]], per_prompt: int) -> None:
-    """Run the t2i recipe, then judge every sampler setting; print a table."""
+def bench_t2i(run_dir: Path, configs: dict, settings: list[tuple[str, int, float]], per_prompt: int) -> dict:
+    """Run the t2i recipe, then judge every sampler setting; print a table; return the figures."""
     manifests = run_chain(run_dir, "t2i", configs)
     vae_m, train_m = manifests["t2i_vae"]["metrics"], manifests["t2i_train"]["metrics"]
     data = read_caption_set(run_dir / "t2i_data")
@@ -79,11 +80,14 @@ def bench_t2i(run_dir: Path, configs: dict, settings: list[tuple[str, int, float
     table = Table(title=f"t2i: judged samples ({per_prompt} per prompt, {len(prompts)} prompts)")
     for col in ("sampler", "steps", "guidance", "digit acc", "shape acc", "FID-like", "sample s"):
         table.add_column(col, justify="right")
+    samplers = []
     for name, steps, guidance in settings:
         started = time.time()
         images = model.generate([prompts[c] for c in classes], seeds, steps, guidance, name)
         secs = time.time() - started
         j = judge_images(judge, images, classes)
+        samplers.append({"sampler": name, "steps": steps, "guidance": guidance, "sample_s": round(secs, 1),
+                         **{k: round(float(j[k]), 4) for k in ("digit_accuracy", "shape_accuracy", "fid_like")}})
         table.add_row(name, str(steps), f"{guidance:g}", f"{j['digit_accuracy']:.3f}", f"{j['shape_accuracy']:.3f}",
                       f"{j['fid_like']:.2f}", f"{secs:.1f}")
     console.print(table)
@@ -93,10 +97,13 @@ def bench_t2i(run_dir: Path, configs: dict, settings: list[tuple[str, int, float
         f"{train_m['steps']} steps in {train_m['train_s']} s ({train_m['train_cpu_s']} CPU s); judge accuracy on held-out real images "
         f"{judge.real_test_accuracy:.4f}; FID-like real-vs-real floor {judge.floor:.2f}"
     )
+    return {"per_prompt": per_prompt, "prompts": len(prompts), "vae": vae_m, "train": train_m,
+            "judge_real_accuracy": round(float(judge.real_test_accuracy), 4), "fid_floor": round(float(judge.floor), 2),
+            "samplers": samplers}
 
 
-def bench_nerf(run_dir: Path, configs: dict) -> None:
-    """Run the NeRF recipe; print its PSNR/SSIM-vs-time curve."""
+def bench_nerf(run_dir: Path, configs: dict) -> dict:
+    """Run the NeRF recipe; print its PSNR/SSIM-vs-time curve; return the nerf_train metrics."""
     m = run_chain(run_dir, "nerf", configs)["nerf_train"]["metrics"]
     table = Table(title="nerf: held-out views vs training time")
     for col in ("step", "train s (wall)", "train s (CPU)", "PSNR dB", "SSIM"):
@@ -107,6 +114,7 @@ def bench_nerf(run_dir: Path, configs: dict) -> None:
     console.print(f"NeRF: {m['params']:,} params, {m['rays_per_s']} rays/s, final PSNR {m['test_psnr']} dB, "
                   f"SSIM {m['test_ssim']}, mean-colour baseline {m['mean_colour_psnr']} dB, "
                   f"25 dB reached after {m['seconds_to_25db']} s of training (wall; {m['cpu_seconds_to_25db']} CPU s)")
+    return m
 
 
 def main() -> None:
@@ -126,11 +134,13 @@ def main() -> None:
     console.print(f"load average at start: {load[0]:.1f} (cpus {os.cpu_count()}), torch threads "
                   f"{torch.get_num_threads()}")
     run_dir = Path(args.run_dir)
+    figures = {"config": args.config, "overrides": args.overrides, "threads": torch.get_num_threads()}
     if args.only in (None, "t2i"):
-        bench_t2i(run_dir, configs, sampler_settings(args.samplers), args.per_prompt)
+        figures["t2i"] = bench_t2i(run_dir, configs, sampler_settings(args.samplers), args.per_prompt)
     if args.only in (None, "nerf"):
-        bench_nerf(run_dir, configs)
+        figures["nerf"] = bench_nerf(run_dir, configs)
     console.print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    save("multimodal_quality" + (f"_{args.only}" if args.only else ""), figures)
 
 
 if __name__ == "__main__":

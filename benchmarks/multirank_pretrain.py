@@ -28,6 +28,7 @@ from rich.table import Table  # noqa: E402
 
 from pipeline.execution import run_stages  # noqa: E402
 from pipeline.presets import resolve_configs  # noqa: E402
+from record import save  # noqa: E402
 
 # (name, ranks, threads per rank, overrides)
 LAYOUTS = (
@@ -75,6 +76,8 @@ def main() -> None:
         table.add_row(name, f"{rate:,.0f}", f"{rate / base2:.2f}x", f"{rate / base1:.2f}x",
                       f"{metrics['val_loss']:.4f}", f"{step_s:.3f}")
     Console().print(table)
+    save("multirank_pretrain", {"config": args.config, "steps": args.steps, "global_batch": args.global_batch,
+                                "overrides": args.overrides, "layouts": results})
 
 
 if __name__ == "__main__":

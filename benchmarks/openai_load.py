@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import queue
 import shutil
@@ -41,6 +40,7 @@ from curation.bpe import CHAT_TEMPLATE  # noqa: E402
 from deploy.repository import write_repository  # noqa: E402
 from deploy.server import free_port  # noqa: E402
 from deploy.stages import ExportConfig  # noqa: E402
+from record import save  # noqa: E402
 from triton_latency import PROMPTS, percentile, random_tiny_checkpoint  # noqa: E402
 
 KINDS = ("completion", "completion stream", "chat", "chat stream")
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--baseline-requests", type=int, default=64, help="sent by one client, the same mix")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--json", help="write the figures here instead of benchmarks/results/openai_load.json")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -220,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                   if loaded["errors"] else ""))
     console.print(f"answers equal to the one-client run's: {same}; server start to ready: {ready_s:.1f} s; "
                   f"wall {loaded['wall']:.1f} s vs {base_all['requests']} requests in {baseline['wall']:.1f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    save("openai_load", report, args.json)
     return 1 if loaded["errors"] else 0
 
 

@@ -48,6 +48,7 @@ from recipes import megatron_model  # noqa: E402
 from recipes.hf_export import llama_config, megatron_tensors, megatron_to_hf  # noqa: E402
 from recipes.models import ModelRecipe, get_model_recipe  # noqa: E402
 from recipes.pretrain_data import causal_mask  # noqa: E402
+from record import save  # noqa: E402
 
 OURS, LOCAL, HF = "megatron (our spec, SDPA)", "megatron local spec", "HF LlamaForCausalLM"
 console = Console(width=150)
@@ -182,6 +183,14 @@ def cpu_benchmark(args) -> None:
             )  # fmt: skip
         table.add_section()
     console.print(table)
+    figures = {"model": args.model, "params": recipe.num_params(vocab), "threads": args.threads,
+               "peak_gflops": round(peak, 1), "steps": args.steps, "rows": [], "widths": []}
+    for seq, batch, timed in rows:
+        step = {name: t["fwd_bwd"] + t["optimizer"] for name, t in timed.items()}
+        loops = {name: {"tokens_per_s": round(batch * seq / step[name], 1),
+                        "mfu": round(batch * seq / step[name] * recipe.flops_per_token(vocab, seq) / (peak * 1e9), 4),
+                        "vs_hf": round(step[HF] / step[name], 3)} for name in timed}
+        figures["rows"].append({"seq": seq, "batch": batch, "loops": loops})
     console.print(
         f"fp32 matmul peak (torch.mm, n=1024/2048): {peak:.1f} GFLOP/s; {args.model}: "
         f"{recipe.num_params(vocab):,} params (vocab {vocab}); FLOPs per token 6·N (N less the input embedding) "
@@ -202,6 +211,8 @@ def cpu_benchmark(args) -> None:
         mfu = rate * wide.flops_per_token(vocab, args.width_seq) / (peak * 1e9)
         widths.add_row(str(width), f"{wide.num_params(vocab) / 1e6:.1f}M", str(batch), f"{step:.3f}",
                        f"{rate:,.0f}", f"{mfu:.1%}")  # fmt: skip
+        figures["widths"].append({"hidden": width, "params": wide.num_params(vocab), "batch": batch,
+                                  "step_s": round(step, 3), "tokens_per_s": round(rate, 1), "mfu": round(mfu, 4)})
     console.print(widths)
 
     adamw = adamw_step_seconds(recipe.num_params(vocab))
@@ -209,6 +220,7 @@ def cpu_benchmark(args) -> None:
         f"AdamW step over {recipe.num_params(vocab) / 1e6:.1f}M params: "
         + ", ".join(f"{name} {s * 1e3:.0f} ms" for name, s in adamw.items())
     )
+    save("pretrain_throughput", {**figures, "adamw_ms": {name: round(s * 1e3, 1) for name, s in adamw.items()}})
 
 
 def gpu_benchmark(args) -> None:
@@ -267,6 +279,14 @@ def gpu_benchmark(args) -> None:
             f"{rate / hf_rate:.2f}x",
         )  # fmt: skip
     console.print(table)
+    save("pretrain_throughput_gpu", {
+        "model": args.model, "device": torch.cuda.get_device_name(), "batch": batch, "seq": seq, "steps": args.steps,
+        "peak_tflops_measured": round(peak_measured, 1), "peak_tflops_datasheet": args.peak_tflops,
+        "loops": {name: {"step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(batch * seq / seconds, 1),
+                         "mfu_datasheet": round(batch * seq / seconds * flops / (args.peak_tflops * 1e12), 4),
+                         "mfu_measured": round(batch * seq / seconds * flops / (peak_measured * 1e12), 4),
+                         "vs_hf": round(batch * seq / seconds / hf_rate, 3)}
+                  for name, (seconds, first, last) in results.items()}})
     console.print(
         f"bf16 torch.mm peak measured (n=4096/8192): {peak_measured:.0f} TFLOP/s; datasheet dense bf16 "
         f"{args.peak_tflops:.0f}; {recipe.num_params(vocab):,} params, {flops / 1e6:.1f} MFLOP per token"

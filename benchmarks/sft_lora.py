@@ -23,7 +23,6 @@ reports, for the base model and each tuned one:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from recipes.instructions import build_instructions, chat_char_budget, read_json
 from recipes.sft import add_lora, fine_tune, heldout_loss, select_examples
 from recipes.sft_recipes import resolve_config
 from recipes.stages import EvaluateConfig, SFTConfig
+from record import save
 
 SEED = 1234  # the pipeline's default run seed
 
@@ -85,14 +85,14 @@ def step_seconds(models: dict, rows: list[dict], pad_id: int, repeats: int) -> d
 
 
 def main() -> None:
-    """Tune, score and time the three variants; print a table (and write --out JSON)."""
+    """Tune, score and time the three variants; print a table and save the results file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--full-lr", type=float, default=2e-4)
     parser.add_argument("--timing-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="write here instead of benchmarks/results/sft_lora.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -152,9 +152,8 @@ def main() -> None:
             f"{r['step_ratio']:.2f}" if "step_ratio" in r else "",
         )
     Console(width=140).print(table)
-    if args.out:
-        report = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    save("sft_lora", {"steps": args.steps, "batch": tiny.batch_size, "heldout_chats": len(val), "items": len(items),
+                      "chance": chance, "results": results}, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ exact counts (the texts are checked equal). The machine is shared: compare ratio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import re
@@ -42,6 +41,7 @@ from tqdm import tqdm  # noqa: E402
 from deploy.client import ServerError, TextClient  # noqa: E402
 from deploy.repository import STREAM_SUFFIX, write_repository  # noqa: E402
 from deploy.server import TritonServer  # noqa: E402
+from record import save  # noqa: E402
 from deploy.stages import ExportConfig  # noqa: E402
 
 PROMPTS = [
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=64, help="of the temporary repository")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (baseline and server)")
     parser.add_argument("--identity-requests", type=int, default=300)
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--json", help="write the results here instead of benchmarks/results/triton_latency_<backend>.json")
     args = parser.parse_args(argv)
 
     console = Console(width=max(150, Console().width))
@@ -366,9 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"Triton ({args.backend if args.hf or not Path(args.repo).is_dir() else repo}) vs transformers — "
              f"greedy, max_tokens {args.max_tokens}, {args.threads} torch thread(s)")
     print_report(console, rows, identity, ready_s, title)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"start_to_ready_s": round(ready_s, 2), "identity": identity,
-                                               "modes": rows, "args": vars(args)}, indent=2) + "\n")
+    save(f"triton_latency_{args.backend}", {"start_to_ready_s": round(ready_s, 2), "identity": identity,
+                                            "modes": rows, "args": vars(args)}, args.json)
     return 0
 
 

@@ -353,9 +353,11 @@ def create_app(triton_http_url: str, repo: Path, model: str = "ensemble",
         except BaseException:
             await response.aclose()
             raise
+        if first is None and response.status_code == 200:
+            first = {"text_output": ""}  # an empty answer: the stream ended without a piece
         if first is None or "error" in first:
             await response.aclose()
-            message = first["error"] if first else "Triton closed the stream without an answer"
+            message = first["error"] if first else f"Triton answered HTTP {response.status_code} without an event"
             raise triton_error(response.status_code, json.dumps({"error": message}))
 
         async def pieces():

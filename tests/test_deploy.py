@@ -464,6 +464,9 @@ def test_stop_words_end_the_answer_before_them(served, reference):
         assert http.generate(PROMPTS[0], 16, stop=[stop, "never generated"]) == expected
         assert "".join(grpc.stream(PROMPTS[0], 16, stop=[stop])) == expected
         assert http.generate(PROMPTS[0], 16, stop=["never generated"]) == full
+        # a stop word at the very start: an empty answer, which a stream still delivers (one empty piece)
+        assert http.generate(PROMPTS[0], 16, stop=[full[:2]]) == ""
+        assert list(grpc.stream(PROMPTS[0], 16, stop=[full[:2]])) in ([], [""])
 
 
 @pytest.mark.slow
@@ -500,6 +503,9 @@ def test_openai_client_completes_and_chats_like_transformers(served, reference):
     stop = full[len(full) // 2: len(full) // 2 + 2]
     cut = client.completions.create(model="ensemble", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=stop)
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    empty = list(client.completions.create(model="ensemble", prompt=PROMPTS[0], max_tokens=16, temperature=0,
+                                           stop=full[:2], stream=True))  # nothing generated: still an answer
+    assert "".join(c.choices[0].text for c in empty) == "" and empty[-1].choices[0].finish_reason == "stop"
 
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a class?"}]
     prompt = reference.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -168,9 +168,18 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-        def send_piece(piece):
+        sent = []  # pieces sent so far: an answer that is empty at once (eos first) still gets one response
+
+        def send_piece(piece, flags=0):
             out = np.array([[piece.encode("utf-8")]], dtype=np.object_)  # (1, 1)
-            sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", out)]))
+            sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", out)]), flags=flags)
+            sent.append(True)
+
+        def send_done(text):
+            if sent:
+                sender.send(flags=final)
+            else:
+                send_piece("", final)
 
         def send_error(exc):
             plain = isinstance(exc, (BadRequest, Overloaded))
@@ -187,7 +196,7 @@ class TritonPythonModel:
             send_error(exc)
             return
         job = jobs[0]
-        job.on_piece, job.on_done, job.on_error = send_piece, lambda text: sender.send(flags=final), send_error
+        job.on_piece, job.on_done, job.on_error = send_piece, send_done, send_error
         try:
             self.decoder.submit(job)
         except Overloaded as exc:
