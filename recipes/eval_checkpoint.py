@@ -6,7 +6,12 @@
 Perplexity is scored as the evaluate stage scores it (each document after an
 eos, with its closing eos). Continuations start from eos + the prompt's tokens,
 as pretraining packed documents, and come from `recipes.generate` with the
-model's KV cache.
+model's KV cache. `--lm-eval-tasks` runs lm-evaluation-harness tasks: the three
+shipped in recipes/lm_eval_tasks/ over data built from the held-out file as the
+evaluate stage builds it (aigc_heldout: the documents; aigc_heldout_cloze: up to
+64 "which sentence comes next?" items; aigc_heldout_instructions: up to 16
+continue-the-passage instructions), or any task lm-eval registers whose data is
+in the local HF cache.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,12 +27,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from recipes import hf_lm, lm_harness
+from recipes import hf_lm, lm_harness, prompt_eval
 from recipes.evaluate import check_document
 from recipes.generate import generate, hf_next_logits
-from recipes.instructions import read_jsonl
+from recipes.instructions import build_instructions, chat_char_budget, read_jsonl, write_jsonl
 
 DEFAULT_PROMPTS = ("The for statement", "A function definition")
+CLOZE_ITEMS = 64  # aigc_heldout_cloze items built from the held-out file, at most
+INSTRUCTIONS = 16  # aigc_heldout_instructions chats built from the held-out file, at most
 
 
 class InputError(ValueError):
@@ -89,12 +97,36 @@ def evaluate_checkpoint(
         {"prompt": p, **continuations(model, tokenizer, p, max_new_tokens, temperature, top_k, top_p, seed)}
         for p in prompts
     ]
-    try:
-        harness = lm_harness.run_tasks(model, tokenizer, list(lm_eval_tasks), heldout, length, batch_size) \
-            if lm_eval_tasks else {}
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        data = lm_eval_data(Path(tmp), heldout, docs, lm_eval_tasks, seed, length)
+        try:
+            harness = lm_harness.run_tasks(model, tokenizer, list(lm_eval_tasks), data, length, batch_size) \
+                if lm_eval_tasks else {}
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     return {"perplexity": hf_lm.perplexity(nll), "nll": nll, "tokens": tokens, "samples": samples, "lm_eval": harness}
+
+
+def lm_eval_data(directory: Path, heldout: Path, docs: list[dict], tasks: tuple[str, ...], seed: int,
+                 max_length: int) -> dict[str, Path]:
+    """Return {task: data file} of our lm-eval tasks among `tasks`, their files built from the held-out
+    documents in `directory` as the evaluate stage builds them. Raises InputError where none can be built."""
+    docs = [{"id": str(d.get("id", i)), "text": d["text"]} for i, d in enumerate(docs)]
+    data: dict[str, Path] = {lm_harness.HELDOUT: heldout}
+    if lm_harness.CLOZE in tasks:
+        items = prompt_eval.build_items(docs, seed, CLOZE_ITEMS)
+        if not items:
+            raise InputError(f"held-out file {heldout}: no {lm_harness.CLOZE} item can be built (documents of two "
+                             f"sentences or more, {prompt_eval.CHOICES} documents at least)")
+        data[lm_harness.CLOZE] = write_jsonl(directory / "prompt_items.jsonl", items)
+    if lm_harness.INSTRUCTIONS in tasks:
+        chats = build_instructions(docs, seed, lambda _: "val", chat_char_budget(max_length))
+        items = lm_harness.instruction_items(chats)[:INSTRUCTIONS]
+        if not items:
+            raise InputError(f"held-out file {heldout}: no {lm_harness.INSTRUCTIONS} item can be built "
+                             "(documents of two sentences or more)")
+        data[lm_harness.INSTRUCTIONS] = write_jsonl(directory / "lm_eval_instructions.jsonl", items)
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,9 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lm-eval-tasks", default="", metavar="NAMES",
-                        help=f"comma-separated lm-evaluation-harness tasks: {lm_harness.TASK} (the --heldout documents, "
-                        "rolling log-likelihood: word/byte perplexity, bits per byte) or any task lm-eval registers "
-                        "(e.g. hellaswag, arc_easy) whose dataset is already in the local HF cache (no downloads)")
+                        help=f"comma-separated lm-evaluation-harness tasks: ours, over the --heldout documents "
+                        f"({lm_harness.HELDOUT}: rolling log-likelihood, word/byte perplexity and bits per byte; "
+                        f"{lm_harness.CLOZE}: 4-way next-sentence multiple choice, acc and acc_norm; "
+                        f"{lm_harness.INSTRUCTIONS}: greedy answers to continue-the-passage instructions, exact "
+                        "match), or any task lm-eval registers (e.g. hellaswag, arc_easy) whose dataset is already in "
+                        "the local HF cache (no downloads)")
     parser.add_argument("--out", type=Path, help="also write the report here as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -148,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             harness.add_column(column)
         for task, figures in report["lm_eval"].items():
             for metric, value in figures.items():
+                if isinstance(value, list):  # per-item figures: in --out only
+                    continue
                 harness.add_row(Text(task), Text(metric), f"{value:.4f}" if isinstance(value, float) else Text(str(value)))
         Console().print(harness)
     return 0

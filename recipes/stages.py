@@ -95,7 +95,8 @@ class EvaluateConfig:
     max_length: int = 256  # tokens per held-out document, chat or prompt (capped by the model's positions)
     prompt_items: int = 64  # multiple-choice items built from the held-out documents; 0 = no prompting evaluation
     few_shot: int = 2  # solved items shown before each item by the few_shot template
-    lm_eval_documents: int = 64  # held-out documents also scored by lm-evaluation-harness (recipes.lm_harness); 0 = off
+    lm_eval_documents: int = 64  # held-out documents lm-evaluation-harness scores (aigc_heldout); 0 = lm-eval off
+    lm_eval_instructions: int = 16  # held-out chats whose greedy answers lm-eval grades (aigc_heldout_instructions)
     prompts: tuple[str, ...] = (
         "Continue this text:\nThe \"for\" statement is used to iterate over the elements of a sequence.",
         "What comes next?\nA function definition defines a user-defined function object.",

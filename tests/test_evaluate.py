@@ -1,5 +1,6 @@
 """The evaluate stage: perplexity against a hand computation, greedy KV-cache sampling, prompting accuracy
-(shared-prompt scoring against separate sequences, a planted task), the stage run."""
+(shared-prompt scoring against separate sequences, a planted task), the stage run, lm-evaluation-harness's shipped
+tasks against our scoring."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from curation.split import by_hash
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
-from recipes import hf_lm, prompt_eval
+from recipes import hf_lm, lm_harness, prompt_eval
 from recipes.instructions import build_instructions, split_sentences, write_jsonl
 from tiny_lm import build_model, doc_paragraphs, save_hf, write_upstream
 
@@ -187,9 +188,19 @@ def test_evaluate_stage_through_the_runner(tmp_path, tokenizer):
     assert len(ppls) == 3  # three different models were scored
     lm_docs = [json.loads(line) for line in (run_dir / "evaluate" / "lm_eval_documents.jsonl").open()]
     assert lm_docs == heldout[: configs["evaluate"].lm_eval_documents]
-    for name, result in report["models"].items():  # lm-evaluation-harness ran on every model
-        assert result["lm_eval"]["documents"] == len(lm_docs) and result["lm_eval"]["loglikelihood"] < 0
-        assert m[f"{name}_lmeval_bits_per_byte"] == round(result["lm_eval"]["bits_per_byte"], 4)
+    lm_instructions = [json.loads(line) for line in (run_dir / "evaluate" / "lm_eval_instructions.jsonl").open()]
+    assert lm_instructions == lm_harness.instruction_items(val_chats)[: configs["evaluate"].lm_eval_instructions]
+    assert report["lm_eval"] == {lm_harness.HELDOUT: "lm_eval_documents.jsonl", lm_harness.CLOZE: "prompt_items.jsonl",
+                                 lm_harness.INSTRUCTIONS: "lm_eval_instructions.jsonl"}
+    for name, result in report["models"].items():  # lm-evaluation-harness ran its three shipped tasks on every model
+        heldout, cloze, instructions = (result["lm_eval"][t] for t in lm_harness.TASKS)
+        assert heldout["documents"] == len(lm_docs) and heldout["loglikelihood"] < 0
+        assert m[f"{name}_lmeval_bits_per_byte"] == round(heldout["bits_per_byte"], 4)
+        assert cloze["items"] == 12 and m[f"{name}_lmeval_cloze_acc"] == round(cloze["acc"], 4)
+        assert cloze["acc_norm"] == result["accuracy"]["zero_shot"]  # the same items, scored the same way
+        assert m[f"{name}_lmeval_cloze_acc_norm"] == m[f"{name}_acc_zero_shot"]
+        assert instructions["items"] == len(lm_instructions) == len(instructions["replies"])
+        assert m[f"{name}_lmeval_instructions_exact_match"] == round(instructions["exact_match"], 4)
     sft, sft_tok = hf_lm.load_causal_lm(run_dir / "sft" / "hf")
     first = report["models"]["sft"]["samples"][0]
     assert first["reply"] == hf_lm.greedy_reply(sft, sft_tok, first["prompt"], max_new_tokens=8)
@@ -201,21 +212,47 @@ def test_evaluate_stage_through_the_runner(tmp_path, tokenizer):
     assert m["sft_instr_ppl"] == round(math.exp(report["models"]["sft"]["instructions"]["nll"]), 3)
 
 
-def test_lm_eval_harness_scores_documents_as_we_do(model, tokenizer, tmp_path):
-    """lm-eval's rolling log-likelihood (its own task type and HF model class) equals ours where documents fit."""
-    from recipes import lm_harness
-
+def test_lm_eval_harness_scores_documents_items_and_instructions_as_we_do(model, tokenizer, tmp_path):
+    """lm-eval's shipped tasks (its own task types and HF model class) agree with ours: the documents' rolling
+    log-likelihood, each cloze option's log-likelihood (acc_norm = our zero_shot accuracy), greedy replies."""
     context = model.config.max_position_embeddings
     docs = []
     for d in doc_paragraphs()[:60]:
         short = tokenizer.decode(tokenizer(d["text"], add_special_tokens=False)["input_ids"][: context - 8]).strip()
         if short and len(hf_lm.encode_document(tokenizer, short, 10**9)["input_ids"]) <= context:
             docs.append({"id": d["id"], "text": short})
-    write_jsonl(tmp_path / "docs.jsonl", docs)
+    items = prompt_eval.build_items(doc_paragraphs()[:60], seed=3, max_items=16)
+    chats = build_instructions(doc_paragraphs()[:40], seed=1, split_of=lambda _: "val", chat_chars=160)
+    instructions = lm_harness.instruction_items(chats)[:5]
+    ours_replies = [hf_lm.greedy_reply(model, tokenizer, it["instruction"], 32).split("\n")[0].strip()
+                    for it in instructions]
+    instructions[1]["answer"] = ours_replies[1]  # a planted right answer: exact match is not vacuously 0
+    data = {lm_harness.HELDOUT: write_jsonl(tmp_path / "docs.jsonl", docs),
+            lm_harness.CLOZE: write_jsonl(tmp_path / "items.jsonl", items),
+            lm_harness.INSTRUCTIONS: write_jsonl(tmp_path / "instructions.jsonl", instructions)}
+    theirs = lm_harness.score_tasks(model, tokenizer, data, context, 8)
+
     encoded = [hf_lm.encode_document(tokenizer, d["text"], context) for d in docs]
     nll, tokens = hf_lm.mean_nll(model, encoded, tokenizer.pad_token_id, 8)
-    theirs = lm_harness.score_heldout(model, tokenizer, tmp_path / "docs.jsonl", context, 8)
-    assert theirs["documents"] == len(docs) > 30
-    assert theirs["loglikelihood"] == pytest.approx(-nll * tokens, rel=1e-4)  # the issue asks 1 %; it is exact
+    heldout = theirs[lm_harness.HELDOUT]
+    assert heldout["documents"] == len(docs) > 30
+    assert heldout["loglikelihood"] == pytest.approx(-nll * tokens, rel=1e-4)  # the issue asks 1 %; it is exact
     scored_bytes = sum(len((d["text"] + tokenizer.eos_token).encode("utf-8")) for d in docs)
-    assert theirs["bits_per_byte"] == pytest.approx(-theirs["loglikelihood"] / math.log(2) / scored_bytes, rel=1e-6)
+    assert heldout["bits_per_byte"] == pytest.approx(-heldout["loglikelihood"] / math.log(2) / scored_bytes, rel=1e-6)
+
+    cloze = theirs[lm_harness.CLOZE]
+    prompts, options = zip(*(prompt_eval.encode_choices(tokenizer, prompt_eval.render(it, "zero_shot", []),
+                                                        it["options"], context) for it in items))
+    ours = hf_lm.choice_logprobs(model, list(prompts), list(options), tokenizer.pad_token_id, 8)
+    assert cloze["items"] == len(items) and len(cloze["loglikelihoods"]) == len(items)
+    for mine, lm_evals in zip(ours, cloze["loglikelihoods"]):
+        assert lm_evals == pytest.approx(mine, rel=1e-5)  # measured: 2e-7
+    zero_shot = prompt_eval.accuracy(model, tokenizer, items, "zero_shot", 0, context, 8, seed=0)
+    assert cloze["acc_norm"] == zero_shot["accuracy"]  # per character, as evaluate scores its items
+    best_sum = [max(range(prompt_eval.CHOICES), key=lls.__getitem__) for lls in cloze["loglikelihoods"]]
+    assert cloze["acc"] == sum(p == it["answer"] for p, it in zip(best_sum, items)) / len(items)
+    assert cloze["acc"] != cloze["acc_norm"]  # the two scorings differ here, so the match above is not by chance
+
+    replies = theirs[lm_harness.INSTRUCTIONS]
+    assert replies["replies"] == ours_replies  # the chat template and greedy decoding of hf_lm.greedy_reply
+    assert replies["exact_match"] == pytest.approx(1 / len(instructions))

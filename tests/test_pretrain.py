@@ -600,9 +600,13 @@ def test_evaluate_checkpoint_scores_and_continues_an_hf_checkpoint(smoke_run, tm
 
     from recipes.eval_checkpoint import InputError
 
-    harness = evaluate_checkpoint(run_dir / "pretrain" / "hf", heldout, (), lm_eval_tasks=("aigc_heldout",))["lm_eval"]
+    tasks = ("aigc_heldout", "aigc_heldout_cloze", "aigc_heldout_instructions")  # shipped in recipes/lm_eval_tasks
+    harness = evaluate_checkpoint(run_dir / "pretrain" / "hf", heldout, (), lm_eval_tasks=tasks)["lm_eval"]
+    assert set(harness) == set(tasks)
     assert set(harness["aigc_heldout"]) >= {"word_perplexity", "byte_perplexity", "bits_per_byte"}
-    assert 0 < harness["aigc_heldout"]["bits_per_byte"] < 16
+    assert 0 < harness["aigc_heldout"]["bits_per_byte"] < 16 and harness["aigc_heldout"]["documents"] == 6
+    assert harness["aigc_heldout_cloze"]["items"] > 0 and 0 <= harness["aigc_heldout_cloze"]["acc_norm"] <= 1
+    assert harness["aigc_heldout_instructions"]["items"] > 0 and harness["aigc_heldout_instructions"]["exact_match"] >= 0
     with pytest.raises(InputError, match="lm-eval tasks no_such_task") as failure:
         evaluate_checkpoint(run_dir / "pretrain" / "hf", heldout, (), lm_eval_tasks=("no_such_task",))
     assert "\n" not in str(failure.value)
