@@ -59,16 +59,12 @@ def main() -> None:
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--run-dir", default="runs/align-bench")
     parser.add_argument("--methods", default="dpo,ppo,grpo,steerlm")
-    parser.add_argument("--reuse-upstream", action="store_true",
-                        help="use the finished curate..sft stages of RUN_DIR as they are (e.g. those of benchmarks/chain.py)")
     parser.add_argument("overrides", nargs="*", help="key=value settings for every stage, e.g. align.rm_steps=30")
     args = parser.parse_args()
 
     run_dir = str(Path(args.run_dir).resolve())
     configs = resolve_configs(args.config, args.overrides)
     for stage in UPSTREAM:
-        if args.reuse_upstream and (Path(run_dir) / stage / "manifest.json").is_file():
-            continue  # a finished upstream stage, used as it is even if its code changed since
         execute_stage(run_dir, stage, configs_to_json(configs))
     results = {}
     for method in args.methods.split(","):
