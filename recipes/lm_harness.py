@@ -8,11 +8,11 @@ Each YAML is an lm-eval task config over a local JSON-lines file (`dataset_path:
 json`, nothing downloaded, HF_DATASETS_OFFLINE=1); the file is per run, so the
 YAML names a placeholder and `task_config` reads the YAML and sets
 `dataset_kwargs.data_files.test` to the run's file, and writes the model's eos
-where the templates have "</s>" (our tokenizer's eos). lm-eval 0.4.13 has no
-override of a registered task's fields by name (TaskManager.load takes a name
-or a whole config), so the configs go to `simple_evaluate` as dicts, with a
-TaskManager that indexes lm-eval's own tasks only when a registered task is
-asked for (indexing its ~15k tasks takes seconds).
+where the templates have "</s>" (our tokenizer's eos). lm-eval 0.4.13's
+TaskManager.load takes a registered name, a YAML path or a whole config, and
+overrides no field of the first two, so the configs go to `simple_evaluate` as
+dicts, with a TaskManager that indexes lm-eval's own tasks only when a
+registered task is asked for (indexing its ~15k tasks takes seconds).
 
 Everything runs through lm-eval's HF model class (`HFLM`) on the loaded
 checkpoint. Documents and prompts are scored as `evaluate` and pretraining see
