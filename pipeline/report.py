@@ -375,10 +375,9 @@ class ImageBudget:
 def stage_images(run_dir: Path, view: StageView, budget: ImageBudget) -> list[Image]:
     """Return the images among the stage's outputs: image files, and some of those in output directories."""
     images: list[Image] = []
-    for role in sorted((view.manifest or {}).get("outputs", {})):
-        path = output_path(run_dir, view, role)
-        if path is None:
-            continue
+    paths = [(role, output_path(run_dir, view, role)) for role in (view.manifest or {}).get("outputs", {})]
+    paths = [(role, path) for role, path in paths if path is not None]
+    for role, path in sorted(paths, key=lambda item: item[1].is_dir()):  # files first: a grid beats its copy
         if path.is_file() and path.suffix.lower() in IMAGE_TYPES:
             found = [(role, path)]
         elif path.is_dir():

@@ -140,6 +140,8 @@ CASES = [
      ["cannot reach the cluster of job 4242 (sft) to cancel it"]),
     # upstream missing: nothing ran, nothing to read
     ("status-without-run-dir", "status --run-dir {tmp}/missing", 2, "line", ["no run directory at", "missing"]),
+    ("report-without-run-dir", "report --run-dir {tmp}/missing", 2, "line", ["no run directory at", "missing"]),
+    ("report-port-without-serve", "report --run-dir {tmp}/empty --port 9", 2, "line", ["--port", "add --serve"]),
     ("logs-without-job", "logs sft --run-dir {tmp}/empty", 1, "line", ["no job of stage 'sft'", "empty"]),
     ("logs-unknown-stage", "logs nope --run-dir {tmp}/empty", 2, "line", ["unknown stage 'nope'", "tokenize"]),
     ("logs-without-run-dir", "logs sft --run-dir {tmp}/missing", 2, "line", ["no run directory at"]),

@@ -14,6 +14,7 @@ import pytest
 from pipeline.presets import resolve_configs
 from pipeline.runner import make_plan
 from pipeline.stage import load_registry
+from report_browser import ReportBrowser, manifest_metric
 
 LLM_CHAIN = load_registry().chain()  # what `aigc run` runs
 
@@ -63,13 +64,18 @@ def assert_no_train_eval_overlap(run_dir: Path) -> None:
     assert {r["id"] for r in sft if r["split"] == "val"} <= split.heldout  # what evaluate scores as chats
 
 
-def test_smoke_chain_runs_to_a_triton_answer_then_is_fully_cached(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The smoke chain, run once for this module's tests: its run dir and the first `aigc run`."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
     dry = aigc("run", "--config", "smoke", "--run-dir", str(run_dir), "--dry-run")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert all(name in dry.stdout for name in LLM_CHAIN) and not run_dir.joinpath("curate").exists()
+    return run_dir, aigc("run", "--config", "smoke", "--run-dir", str(run_dir))
 
-    first = aigc("run", "--config", "smoke", "--run-dir", str(run_dir))
+
+def test_smoke_chain_runs_to_a_triton_answer_then_is_fully_cached(smoke_run):
+    run_dir, first = smoke_run
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-6000:]
     for name in LLM_CHAIN:
         m = json.loads((run_dir / name / "manifest.json").read_text())
@@ -94,6 +100,26 @@ def test_smoke_chain_runs_to_a_triton_answer_then_is_fully_cached(tmp_path):
     plan = make_plan(run_dir, resolve_configs("smoke", ["evaluate.max_new_tokens=4"]))
     assert {p.name for p in plan if not p.cached} == {"evaluate"}
     assert all(p.cached for p in make_plan(run_dir, resolve_configs("smoke")))
+
+
+def test_report_of_the_smoke_chain_in_a_browser(smoke_run):
+    run_dir, first = smoke_run
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    written = aigc("report", "--run-dir", str(run_dir))
+    assert written.returncode == 0 and "report.html" in written.stdout, written.stdout + written.stderr
+    val_loss = manifest_metric(run_dir, "pretrain", "val_loss")
+    with ReportBrowser() as browser:  # skips (saying why) only where there is no Chromium
+        page = browser.check((run_dir / "report.html").as_uri(), {name: "completed" for name in LLM_CHAIN},
+                             ("pretrain", "val_loss", val_loss), min_images=2)  # pretrain's and sft's loss curves
+        titles = page.eval_on_selector_all("svg.chart title", "els => els.map(e => e.textContent)")
+        assert {"pretrain · loss", "sft · loss", "align · reward_model · loss", "align · dpo · loss"} <= set(titles)
+        answer = manifest_metric(run_dir, "serve", "answer")
+        assert answer in page.locator('section[data-stage="serve"] table.samples').inner_text()
+        models = page.eval_on_selector_all('section[data-stage="evaluate"] table.samples th',
+                                           "els => els.map(e => e.textContent)")
+        assert models == ["prompt", "pretrain (greedy)", "sft (greedy)", "align (greedy)"]
+        consumed = page.locator('section[data-stage="sft"] table.inputs tr[data-input="pretrain"]').inner_text()
+        assert json.loads((run_dir / "sft" / "manifest.json").read_text())["inputs"]["pretrain"] in consumed
 
 
 def test_chain_on_two_ranks_per_node_runs_to_a_triton_answer(tmp_path):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from signal import SIGINT
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from multimodal.t2i_data import build_caption_set, class_prompts
 from multimodal.t2i_judge import frechet_distance
 from multimodal.text_encoder import TextEncoder, WordTokenizer
 from multimodal.vae import build_vae, reconstruction_mse, to_model_range, train_vae
+from report_browser import ReportBrowser, manifest_metric
 
 torch.set_num_threads(1)
 
@@ -305,10 +309,12 @@ def test_recipes_run_as_stages_from_the_cli(tmp_path, capsys):
     mtime = (run / "t2i_train" / "manifest.json").stat().st_mtime_ns
     assert t2i_main(["train", "--config", "smoke", "--run-dir", str(run)]) == 0  # cached: nothing reruns
     assert (run / "t2i_train" / "manifest.json").stat().st_mtime_ns == mtime
+    assert cli.main(["report", "--run-dir", str(run)]) == 0
 
     run = tmp_path / "nerf"
     assert nerf_main(["data", "--config", "smoke", "--run-dir", str(run)]) == 0  # one stage: nerf_data alone
     assert (run / "nerf_data" / "manifest.json").is_file() and not (run / "nerf_train").exists()
+    assert cli.main(["report", "--run-dir", str(run), "--output", str(tmp_path / "partial.html")]) == 0
     data_mtime = (run / "nerf_data" / "manifest.json").stat().st_mtime_ns
     assert nerf_main(["train", "--config", "smoke", "--run-dir", str(run)]) == 0
     assert (run / "nerf_data" / "manifest.json").stat().st_mtime_ns == data_mtime  # reused, not re-run
@@ -322,3 +328,28 @@ def test_recipes_run_as_stages_from_the_cli(tmp_path, capsys):
     assert rows[:2] == [["nerf_data", "completed"], ["nerf_train", "completed"]]
     assert nerf_main(["render", "--run-dir", str(run), "--pose", "10,30", "--out", str(tmp_path / "v.png")]) == 0
     assert Image.open(tmp_path / "v.png").size == (16 * 4 + 2, 16 * 4 + 2)
+
+    # the reports, in a real browser (tests/report_browser.py): the partial NeRF run, the t2i run, and the
+    # finished NeRF run through `aigc report --serve`
+    t2i = tmp_path / "t2i"
+    with ReportBrowser() as browser:  # skips (saying why) only where there is no Chromium
+        browser.check((tmp_path / "partial.html").as_uri(), {"nerf_data": "completed", "nerf_train": "not run"},
+                      ("nerf_data", "train_views", manifest_metric(run, "nerf_data", "train_views")), min_images=1)
+        page = browser.check((t2i / "report.html").as_uri(), dict.fromkeys(("t2i_data", "t2i_vae", "t2i_train"),
+                             "completed"), ("t2i_train", "fid_like_g3", metrics["fid_like_g3"]), min_images=5)
+        alts = page.evaluate("Array.from(document.images).map(i => i.alt)")
+        assert {"preview", "reconstructions", "loss_curve", "samples"} <= set(alts), alts
+        server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "report", "--run-dir", str(run), "--serve",
+                                   "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            lines = [server.stdout.readline(), server.stdout.readline()]
+            url = next((w for w in " ".join(lines).split() if w.startswith("http://127.0.0.1:")), None)
+            assert url, lines
+            page = browser.check(url, {"nerf_data": "completed", "nerf_train": "completed"},
+                                 ("nerf_train", "test_psnr", m["test_psnr"]), min_images=5)
+            alts = page.evaluate("Array.from(document.images).map(i => i.alt)")
+            assert {"turntable", "psnr_curve", "test_views", "renders: test_0.png"} <= set(alts), alts
+            assert page.locator("svg.chart").count() >= 2  # PSNR and SSIM from curve.json
+        finally:
+            server.send_signal(SIGINT)
+            assert server.wait(timeout=30) == 0

@@ -34,7 +34,7 @@ def test_every_cli_command_is_a_chain_stage_a_registered_command_or_a_pipeline_c
     registry = load_registry()
     for command in sub.choices:
         assert command in registry.chain() or command in registry.commands or command in (
-            "run", "status", "logs", "cancel"), command
+            "run", "status", "report", "logs", "cancel"), command
 
 
 
