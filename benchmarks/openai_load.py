@@ -162,6 +162,8 @@ def figures(run: dict, tokenizer, kinds: tuple[str, ...]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", default="runs/tiny/export/triton_repo", help="exported Triton repository")
+    parser.add_argument("--random-model", action="store_true", help="serve a random model of the tiny shape instead "
+                        "(answers run to max_tokens; a trained model's often end at eos after a few tokens)")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--baseline-requests", type=int, default=64, help="sent by one client, the same mix")
@@ -175,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="aigc-load-"))
     try:
         repo = Path(args.repo)
-        if not repo.is_dir():
+        if args.random_model or not repo.is_dir():
             repo = tmp / "triton_repo"
-            console.print(f"{args.repo} not found: exporting a random model of the tiny shape to {repo}")
+            console.print(f"exporting a random model of the tiny shape to {repo}")
             hf = random_tiny_checkpoint(tmp / "hf")
             tokenizer = AutoTokenizer.from_pretrained(hf)
             tokenizer.chat_template = CHAT_TEMPLATE  # the template our tokenize stage gives its tokenizers

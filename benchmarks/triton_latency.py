@@ -14,6 +14,11 @@ exact counts (the texts are checked equal). The machine is shared: compare ratio
 
     python benchmarks/triton_latency.py                      # runs/tiny/export/triton_repo, else a random tiny-shaped model
     python benchmarks/triton_latency.py --hf path/to/hf --backend onnx
+    python benchmarks/triton_latency.py --random-model --backend onnx   # answers run to max_tokens
+
+A trained model (the tiny chain's) often ends its answer with eos after a few tokens, so
+its figures measure per-request overhead more than decoding; --random-model serves a
+random model of the tiny shape, whose answers run to max_tokens.
 """
 
 from __future__ import annotations
@@ -316,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", default="runs/tiny/export/triton_repo", help="exported Triton repository")
     parser.add_argument("--hf", help="HF checkpoint: export a temporary repository from it instead of --repo")
+    parser.add_argument("--random-model", action="store_true", help="a random model of the tiny shape instead of "
+                        "--repo/--hf (answers run to max_tokens)")
     parser.add_argument("--backend", default="pytorch", choices=("pytorch", "onnx"), help="backend of the temporary "
                         "repository (with --hf, or the random tiny model)")
     parser.add_argument("--model", default="ensemble")
@@ -332,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=max(150, Console().width))
     tmp = Path(tempfile.mkdtemp(prefix="aigc-bench-"))
     try:
-        if args.hf or not Path(args.repo).is_dir():
-            hf = Path(args.hf) if args.hf else random_tiny_checkpoint(tmp / "hf")
+        if args.hf or args.random_model or not Path(args.repo).is_dir():
+            hf = Path(args.hf) if args.hf and not args.random_model else random_tiny_checkpoint(tmp / "hf")
             repo = tmp / "triton_repo"
             console.print(f"exporting {hf} ({args.backend}) to {repo} ...")
             write_repository(hf, repo, ExportConfig(model_name=args.model, backend=args.backend,
@@ -363,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    title = (f"Triton ({args.backend if args.hf or not Path(args.repo).is_dir() else repo}) vs transformers — "
+    title = (f"Triton ({args.backend if args.hf or args.random_model or not Path(args.repo).is_dir() else repo}) "
+             "vs transformers — "
              f"greedy, max_tokens {args.max_tokens}, {args.threads} torch thread(s)")
     print_report(console, rows, identity, ready_s, title)
     save(f"triton_latency_{args.backend}", {"start_to_ready_s": round(ready_s, 2), "identity": identity,
