@@ -44,7 +44,8 @@ def provenance(*docs: dict) -> str:
     for doc in docs:
         m = doc["machine"]
         where = f"{m['cpus']} CPUs" + (f", {m['gpu']}" if "gpu" in m else "") + f", load average {m['load_average_1m']}"
-        parts.append(f"`{doc['command']}` ({doc['date']}; {where} at the end)")
+        at = f", commit {doc['commit']}" if doc.get("commit") else ""
+        parts.append(f"`{doc['command']}` ({doc['date']}{at}; {where} at the end)")
     return "; ".join(parts) + ":"
 
 
@@ -63,8 +64,7 @@ def chain(doc: dict) -> str:
         "pretrain": [("val_loss", "held-out loss", 3), ("unigram_val_loss", "unigram baseline", 3)],
         "sft": [("val_loss_before", "held-out instruction loss before", 3), ("val_loss_after", "after", 3)],
         "align": [("rm_val_accuracy", "reward model held-out accuracy", 2), ("win_rate_vs_sft", "win rate vs SFT", 2)],
-        "evaluate": [(f"{m}_ppl", f"{m} perplexity", 1) for m in ("pretrain", "sft", "align")]
-        + [(f"{m}_lmeval_bits_per_byte", f"{m} lm-eval bits/byte", 3) for m in ("pretrain", "sft", "align")],
+        "evaluate": [("prompt_items", "prompting items", 0), ("heldout_chats", "held-out chats", 0)],
         "export": [("parameters", "parameters", 0)],
         "serve": [("start_to_ready_s", "Triton start to ready s", 1)],
     }
@@ -73,11 +73,22 @@ def chain(doc: dict) -> str:
         m = stages[name]["metrics"]
         shown = [f"{label} {n(m[k], d)}" for k, label, d in key.get(name, []) if k in m]
         rows.append([f"`{name}`", f"{stages[name]['wall_s']:.1f}", ", ".join(shown)])
+    ev = stages.get("evaluate", {}).get("metrics", {})
+    columns = [("ppl", "held-out perplexity", 1), ("instr_ppl", "held-out instruction perplexity", 1),
+               ("acc_zero_shot", "prompting acc zero-shot", 3), ("lmeval_bits_per_byte", "lm-eval bits/byte", 3),
+               ("lmeval_cloze_acc_norm", "lm-eval cloze acc_norm", 3),
+               ("lmeval_instructions_exact_match", "lm-eval instructions exact match", 3)]
+    models = [m for m in ("pretrain", "sft", "align") if f"{m}_ppl" in ev]
+    evaluation = table(["checkpoint", *(label for _, label, _ in columns)],
+                       [[m, *(n(ev[f"{m}_{k}"], d) if f"{m}_{k}" in ev else "–" for k, _, d in columns)]
+                        for m in models])
     answer = f["answer"]
     prompt = answer["prompt"].replace("\n", "\\n")
     return "\n".join([
         provenance(doc), "",
         table(["stage", "wall s", "figures"], rows), "",
+        "`evaluate`, per checkpoint, on the held-out split (lm-eval: the three tasks of `recipes/lm_eval_tasks`):", "",
+        evaluation, "",
         f"Whole chain (`{f['config']}`, {'cold' if f['cold'] else 'warm'}): {f['wall_s']:.0f} s wall, peak RSS "
         f"{f['peak_rss_gib']} GiB; the immediate re-run, every stage cached: {f['cached_wall_s']:.1f} s. "
         f"Triton's answer to `{prompt}`: `{answer['answer']}`",

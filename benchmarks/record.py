@@ -35,11 +35,13 @@ def command_line() -> str:
 
 
 def commit() -> str:
-    """Return the repository's commit, with "+changes" when tracked files differ from it ("" outside git)."""
+    """Return the repository's commit, with "+changes" when tracked files (results aside) differ from it
+    ("" outside git)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(RESULTS.parent.parent), *args], capture_output=True, text=True).stdout
     head = git("rev-parse", "--short", "HEAD").strip()
-    return head + ("+changes" if head and git("status", "--porcelain", "--untracked-files=no").strip() else "")
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results").strip()
+    return head + ("+changes" if head and changes else "")
 
 
 def machine() -> dict:
