@@ -1,4 +1,4 @@
-"""`aigc t2i data|vae|train|sample` and `aigc nerf data|train|render`: the multimodal recipes from the command line.
+"""`aigc t2i data|vae|train|sample`, `aigc nerf data|train|render`, `aigc zoo`: the multimodal recipes from the command line.
 
 One subcommand per registered stage runs that stage and its upstream on the
 pipeline's runner (pipeline.cli.cmd_run_locked: NeMo-Run, `--executor
@@ -12,6 +12,8 @@ outputs in this process.
     aigc t2i sample "a handwritten three" [--steps 50] [--guidance 3] [--sampler ddim] [--num 8] [--out PNG]
     aigc nerf train [--config tiny] [--run-dir runs/nerf] [key=value ...]
     aigc nerf render --pose 30,25 [--out PNG]      |   aigc nerf render --turntable 36 [--out GIF]
+    aigc zoo list   |   aigc zoo RECIPE train [--config tiny|smoke] [--run-dir runs/zoo] [key=value ...]
+    aigc zoo RECIPE sample [--num 16] [--seed 0] [--temperature T] [--label K] [--out PNG]
 """
 
 from __future__ import annotations
@@ -220,4 +222,87 @@ def nerf_main(argv: list[str]) -> int:
     position = ", ".join(f"{v:.2f}" for v in c2w[:3, 3])
     print(f"aigc nerf render: camera at ({position}), {math.degrees(2 * math.atan(0.5 * render['image_size'] / render['focal'])):.0f}° "
           f"field of view -> {out}")
+    return 0
+
+
+# ---------------------------------------------------------------- aigc zoo
+
+
+def zoo_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of `aigc zoo`: `list`, and `RECIPE train|sample` per registered zoo recipe."""
+    from multimodal.zoo.registry import RECIPES
+
+    parser = argparse.ArgumentParser(
+        prog="aigc zoo",
+        description="The generative-model zoo: one registered stage zoo_RECIPE per model, trained on the t2i "
+        "caption set's train split (t2i_data -> zoo_RECIPE) and scored on its test split with the family's "
+        "metric (bits/dim, reconstruction PSNR, the judge's FID-like distance and accuracy).",
+        epilog="recipes: " + ", ".join(RECIPES))
+    sub = parser.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
+    sub.add_parser("list", help="list the recipes: family, stage, key metrics")
+    for recipe in RECIPES.values():
+        p = sub.add_parser(recipe.name, help=f"{recipe.family}: {recipe.describe()}")
+        commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+        t = commands.add_parser(
+            "train", help=f"run t2i_data -> {recipe.stage} (finished stages are skipped)",
+            description=f"Run t2i_data -> {recipe.stage} through NeMo-Run under the stage contract: each stage "
+            "writes <run-dir>/<stage>/ with a manifest.json and is skipped when its fingerprint is unchanged. "
+            f"A bare key=value sets {recipe.stage}'s setting; qualify others (t2i_data.key=value).",
+            epilog="settings:\n" + _settings(recipe.stage), formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_run_options(t, "runs/zoo")
+        s = commands.add_parser("sample", help="generate images from a trained run, as a PNG grid",
+                                description=f"Generate --num images with the model of a finished `aigc zoo "
+                                f"{recipe.name} train`, written as one PNG grid.")
+        s.add_argument("--run-dir", default="runs/zoo", help="run directory of the training (default: %(default)s)")
+        s.add_argument("--num", type=int, default=16, help="images to generate (default: %(default)s)")
+        s.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+        s.add_argument("--temperature", type=float, default=None, help="sampling temperature (flows; default: "
+                       "the recipe's)")
+        s.add_argument("--label", type=int, default=None, help="class id 0..21 (conditional models)")
+        s.add_argument("--out", default=None, help="PNG to write (default: <run-dir>/samples/<recipe>.png)")
+        s.add_argument("--scale", type=int, default=4, help="pixel enlargement of the grid (default: %(default)s)")
+    return parser
+
+
+def zoo_list() -> str:
+    """Return the `aigc zoo list` table: recipe, family, stage, key metrics, description."""
+    from multimodal.zoo.registry import RECIPES
+
+    rows = [("recipe", "family", "key metrics", "model")]
+    rows += [(r.name, r.family, ", ".join(r.key_metrics), r.describe()) for r in RECIPES.values()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] for row in rows)
+
+
+def zoo_main(argv: list[str]) -> int:
+    """Run `aigc zoo`; return the exit code."""
+    from multimodal.zoo.registry import RECIPES
+
+    args = zoo_parser().parse_args(argv)
+    if args.recipe == "list":
+        print(zoo_list())
+        return 0
+    recipe = RECIPES[args.recipe]
+    if args.command == "train":
+        return _run_stage(args, recipe.stage, recipe.stage)
+    stage_dir = Path(args.run_dir) / recipe.stage
+    if not (stage_dir / "manifest.json").is_file():
+        print(f"aigc zoo {recipe.name} sample: no trained {recipe.name} in {args.run_dir}: run "
+              f"`aigc zoo {recipe.name} train --run-dir {args.run_dir}` first", file=sys.stderr)
+        return 2
+    import torch
+
+    from multimodal.zoo.common import save_samples
+
+    torch.set_num_threads(1)
+    options = {k: v for k, v in (("temperature", args.temperature), ("label", args.label)) if v is not None}
+    try:
+        images = recipe.load_sample()(stage_dir, args.num, args.seed, **options)
+    except (TypeError, ValueError) as exc:
+        print(f"aigc zoo {recipe.name} sample: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.run_dir) / "samples" / f"{recipe.name}.png"
+    save_samples(images, out, ncols=min(args.num, 8), scale=args.scale)
+    print(f"aigc zoo {recipe.name} sample: {args.num} images (seed {args.seed}"
+          + "".join(f", {k} {v:g}" for k, v in options.items()) + f") -> {out}")
     return 0

@@ -1,7 +1,9 @@
 """Stage registrations and configs of the multimodal recipes (light: no heavy imports).
 
 Two recipes outside the LLM chain, each a chain of the stage registry:
-text-to-image `t2i_data -> t2i_vae -> t2i_train`, and NeRF `nerf_data -> nerf_train`.
+text-to-image `t2i_data -> t2i_vae -> t2i_train`, and NeRF `nerf_data -> nerf_train`; and the
+model zoo (multimodal/zoo/registry.py): a stage `zoo_<recipe>` and chain `t2i_data -> zoo_<recipe>`
+per recipe, generated below from its registry.
 The dataclass defaults are the `tiny` config (a 2-core CPU, minutes); `device="cuda"`
 and bigger sizes scale them to a GPU.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from multimodal.zoo.registry import RECIPES
 from pipeline.stage import Stage
 
 T2I_ORDER: tuple[str, ...] = ("t2i_data", "t2i_vae", "t2i_train")
@@ -120,11 +123,25 @@ STAGES = {
                         code=NERF_TRAIN_CODE, key_metrics=("test_psnr", "test_ssim", "train_s")),
 }
 
-CHAINS = {"t2i": T2I_ORDER, "nerf": NERF_ORDER}
+ZOO_CODE = T2I_DATA_CODE + _files("t2i_judge", "figures", "zoo/common") + CHECKPOINT_CODE  # every zoo stage's
+
+
+def zoo_stages() -> dict[str, Stage]:
+    """Return a stage `zoo_<name>` per zoo recipe: it reads `t2i_data`; its code is the recipe's and the shared."""
+    return {r.stage: Stage(r.stage, r.config, r.run, inputs=("t2i_data",),
+                           code=tuple(dict.fromkeys(ZOO_CODE + tuple(r.code))), key_metrics=r.key_metrics)
+            for r in RECIPES.values()}
+
+
+STAGES.update(zoo_stages())
+
+CHAINS = {"t2i": T2I_ORDER, "nerf": NERF_ORDER, **{r.stage: ("t2i_data", r.stage) for r in RECIPES.values()}}
 
 COMMANDS = {
     "t2i": ("multimodal.cli:t2i_main", "text-to-image latent diffusion: train | sample \"a handwritten three\""),
     "nerf": ("multimodal.cli:nerf_main", "NeRF on a ray-traced scene: train | render --pose az,el"),
+    "zoo": ("multimodal.cli:zoo_main", "generative-model zoo (AE, VAE, VQ-VAE, PixelCNN, GANs, flows): "
+            "list | RECIPE train | RECIPE sample"),
 }
 
 # Named configs of these recipes: overrides on top of the dataclass defaults (`tiny`).
@@ -150,5 +167,6 @@ PRESETS: dict[str, list[str]] = {
         "nerf_train.fine_samples=16",
         "nerf_train.width=32",
         "nerf_train.turntable_frames=3",
+        *(line for r in RECIPES.values() for line in r.smoke),
     ],
 }

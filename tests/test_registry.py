@@ -48,6 +48,15 @@ def test_every_multimodal_subcommand_runs_a_registered_stage_or_reads_one():
         assert set(stages.values()) == set(registry.chain(chain))  # every stage of the recipe has its command
         for command in sub.choices:
             assert command in stages or command == client, (chain, command)
+    from multimodal.cli import zoo_parser
+    from multimodal.zoo.registry import RECIPES
+
+    (sub,) = [a for a in zoo_parser()._actions if a.dest == "recipe"]
+    assert set(sub.choices) == {"list", *RECIPES}
+    for name, recipe in RECIPES.items():  # `aigc zoo RECIPE train` runs the registered stage zoo_RECIPE
+        assert registry.stages[recipe.stage].config_cls is recipe.config and recipe.stage in registry.chains
+        (commands,) = [a for a in sub.choices[name]._actions if a.dest == "command"]
+        assert set(commands.choices) == {"train", "sample"}
 
 
 def test_registry_loads_without_heavy_imports():
@@ -75,6 +84,8 @@ def test_readme_stage_graph_is_the_registry():
     registry = load_registry()
     expected = []
     for chain in registry.chains:
+        if chain.startswith("zoo_"):  # the zoo's one-stage chains are the rows of the Model zoo table
+            continue
         for name in registry.chain(chain):
             stage = registry.stages[name]
             expected.append([chain, name, ", ".join(stage.inputs) or "–", stage.run,
@@ -82,6 +93,15 @@ def test_readme_stage_graph_is_the_registry():
     assert sorted(rows) == sorted(expected)
     for module in {s.run.partition(":")[0] for s in registry.stages.values()}:
         assert importlib.util.find_spec(module) is not None, module
+    from multimodal.zoo.registry import RECIPES
+
+    zoo = text.split("<!-- zoo-recipes -->")[1].split("<!-- /zoo-recipes -->")[0]
+    rows = [[c.strip().strip("`") for c in line.strip("|").split("|")] for line in zoo.strip().splitlines()[2:]]
+    assert sorted(r[0] for r in rows) == sorted(RECIPES)  # every zoo recipe (stage zoo_<recipe>) has its row
+    for row in rows:
+        recipe = RECIPES[row[0]]
+        assert row[1] == recipe.family and f"aigc zoo {recipe.name} train" in row[3], row
+        assert registry.chain(recipe.stage) == ("t2i_data", recipe.stage)
 
 
 def test_alignment_and_multimodal_use_only_the_shared_language_model_helpers_of_recipes():

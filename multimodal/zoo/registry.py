@@ -1,0 +1,85 @@
+"""The recipes of the model zoo (light: no torch import).
+
+Each `ZooRecipe` becomes a registered stage `zoo_<name>` (inputs: `t2i_data`), a chain
+`zoo_<name>` = ("t2i_data", "zoo_<name>"), a line of `aigc zoo list`, and its overrides in
+the `smoke` preset (multimodal/stages.py generates them). A family adds its recipes to its
+own tuple below.
+
+    run:    "module:function"  (StageContext) -> StageResult
+    sample: "module:function"  (stage_dir: Path, n: int, seed: int, **options) -> (n, 3, S, S) tensor in [-1, 1]
+    code:   repo-relative files in the stage's fingerprint (besides the data stage's, common.py,
+            the judge and the checkpoint helpers, which every recipe gets)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable
+
+from multimodal.zoo.likelihood_config import AEConfig, PixelCNNConfig, VAEConfig, VQVAEPixelCNNConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooRecipe:
+    """One model of the zoo: its stage's config class, run and sample functions, code, metrics, smoke settings."""
+
+    name: str
+    family: str
+    config: type
+    run: str
+    sample: str
+    code: tuple[str, ...]
+    key_metrics: tuple[str, ...]
+    smoke: tuple[str, ...] = ()  # "zoo_<name>.key=value" overrides of the `smoke` preset
+    summary: str = ""  # one line for `aigc zoo list` (default: the config's docstring)
+
+    @property
+    def stage(self) -> str:
+        """Return the name of the recipe's stage."""
+        return f"zoo_{self.name}"
+
+    def describe(self) -> str:
+        """Return the one-line description of the recipe."""
+        return self.summary or (self.config.__doc__ or "").split("(", 1)[-1].rsplit(")", 1)[0]
+
+    def load_sample(self) -> Callable:
+        """Return the recipe's sample function (imports its module)."""
+        module, _, func = self.sample.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+
+_LIKELIHOOD_CODE = ("multimodal/zoo/likelihood.py", "multimodal/zoo/likelihood_config.py")
+
+LIKELIHOOD: tuple[ZooRecipe, ...] = (
+    ZooRecipe("ae", "autoencoders", AEConfig, "multimodal.zoo.likelihood:run_ae",
+              "multimodal.zoo.likelihood:sample_ae", _LIKELIHOOD_CODE,
+              ("test_psnr_db", "train_s"),
+              ("zoo_ae.steps=20", "zoo_ae.channels=8,16", "zoo_ae.latent_dim=8", "zoo_ae.checkpoint_every=10")),
+)
+
+_PENDING: tuple[ZooRecipe, ...] = (  # Z1's next recipes, registered as they land
+    ZooRecipe("vae", "autoencoders", VAEConfig, "multimodal.zoo.likelihood:run_vae",
+              "multimodal.zoo.likelihood:sample_vae", _LIKELIHOOD_CODE,
+              ("test_bits_per_dim", "test_psnr_db", "fid_like", "train_s"),
+              ("zoo_vae.steps=20", "zoo_vae.channels=8,16", "zoo_vae.latent_dim=8", "zoo_vae.kl_warmup=5",
+               "zoo_vae.checkpoint_every=10")),
+    ZooRecipe("vqvae_pixelcnn", "autoregressive", VQVAEPixelCNNConfig, "multimodal.zoo.likelihood:run_vqvae_pixelcnn",
+              "multimodal.zoo.likelihood:sample_vqvae_pixelcnn", _LIKELIHOOD_CODE,
+              ("test_psnr_db", "codebook_perplexity", "prior_bits_per_dim", "fid_like", "train_s"),
+              ("zoo_vqvae_pixelcnn.vq_steps=20", "zoo_vqvae_pixelcnn.prior_steps=20",
+               "zoo_vqvae_pixelcnn.channels=8,16", "zoo_vqvae_pixelcnn.codebook_size=16",
+               "zoo_vqvae_pixelcnn.prior_channels=8", "zoo_vqvae_pixelcnn.prior_layers=2",
+               "zoo_vqvae_pixelcnn.checkpoint_every=10")),
+    ZooRecipe("pixelcnn", "autoregressive", PixelCNNConfig, "multimodal.zoo.likelihood:run_pixelcnn",
+              "multimodal.zoo.likelihood:sample_pixelcnn", _LIKELIHOOD_CODE,
+              ("test_bits_per_dim", "fid_like", "train_s"),
+              ("zoo_pixelcnn.steps=10", "zoo_pixelcnn.channels=8", "zoo_pixelcnn.layers=2",
+               "zoo_pixelcnn.mixtures=2", "zoo_pixelcnn.sample_count=4", "zoo_pixelcnn.checkpoint_every=5")),
+)
+
+GANS: tuple[ZooRecipe, ...] = ()  # helper Z2 (multimodal/zoo/gans_config.py)
+
+FLOWS: tuple[ZooRecipe, ...] = ()  # helper Z3 (multimodal/zoo/flows_config.py)
+
+RECIPES: dict[str, ZooRecipe] = {r.name: r for r in LIKELIHOOD + GANS + FLOWS}
