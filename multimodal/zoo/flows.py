@@ -23,7 +23,6 @@ Sampling runs the flow backwards from latents drawn at a temperature T
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -501,67 +500,132 @@ def lr_factor(step: int, total: int, warmup: int = 100) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_flow(flow: Flow, cfg, train: torch.Tensor, seed: int, checkpoint_dir: Path | None = None,
-               progress: bool = True) -> dict:
-    """Train `flow` by maximum likelihood on uint8 images (N, C, H, W); return {history, train_s, cpu_s, steps}.
-
-    Each step dequantises a fresh batch; the loss is its mean bits/dim. With a
-    checkpoint_dir a checkpoint is written every `checkpoint_every` steps and at
-    the end, and a killed run resumes from the newest.
-    """
-    from recipes.loop_checkpoint import LoopCheckpoints, resume_with_generator, save_with_generator
-
-    device = cfg.device
-    flow.to(device)
-    gen = torch.Generator().manual_seed(seed)
-    init_idx = torch.randperm(len(train), generator=gen)[: min(512, len(train))]
-    initialize_actnorms(flow, dequantize(train[init_idx], gen).to(device))  # a resume overwrites these weights
-    opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    checkpoints = LoopCheckpoints(checkpoint_dir, every=cfg.checkpoint_every if checkpoint_dir else 0, keep=1)
-    start, state = resume_with_generator(checkpoints, {"flow": flow}, {"adam": opt}, gen)
-    history = [(int(s), float(v)) for s, v in state.get("history", [])]
-    train_s, cpu_s = state.get("train_s", 0.0), state.get("cpu_s", 0.0)
-    if start:
-        print(f"[flows] resuming after step {start}", flush=True)
+def make_step(flow: Flow, opt: torch.optim.Optimizer, cfg, train: torch.Tensor, gen: torch.Generator):
+    """Return step_fn(step) -> {"bpd"}: one Adam step on a freshly dequantised batch, loss = mean bits/dim."""
     batch = min(cfg.batch_size, len(train))
     dims = int(np.prod(train.shape[1:]))
-    started, cpu_started = time.time(), time.process_time()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc="flow")
-    flow.train()
-    for step in range(start, cfg.steps):
+    device = next(flow.parameters()).device
+
+    def step_fn(step: int) -> dict[str, float]:
         idx = torch.randint(len(train), (batch,), generator=gen)
         y = dequantize(train[idx], gen).to(device)
-        loss = -flow.log_prob_unit_cube(y).mean() / (dims * math.log(2)) + 8.0  # bits/dim
+        loss = -flow.log_prob_unit_cube(y).mean() / (dims * math.log(2)) + 8.0
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg.steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.grad_clip)
         opt.step()
-        history.append((step, loss.item()))
-        if bar is not None:
-            bar.update()
-            bar.set_postfix(bpd=f"{history[-1][1]:.3f}")
-        if checkpoints.due(step + 1, cfg.steps):
-            now, cpu_now = time.time(), time.process_time()
-            train_s, cpu_s = train_s + now - started, cpu_s + cpu_now - cpu_started
-            started, cpu_started = now, cpu_now
-            save_with_generator(checkpoints, step + 1, {"flow": flow}, {"adam": opt}, gen,
-                                {"history": history, "train_s": train_s, "cpu_s": cpu_s})
-    if bar is not None:
-        bar.close()
-    if checkpoints.root is None:  # otherwise the last checkpoint has counted the time
-        train_s += time.time() - started
-        cpu_s += time.process_time() - cpu_started
+        return {"bpd": loss.item()}
+
+    return step_fn
+
+
+def prepare_training(flow: Flow, cfg, train: torch.Tensor, seed: int) -> tuple[torch.optim.Optimizer, torch.Generator]:
+    """Move the flow to cfg.device, initialise its ActNorms from 512 training images; return (Adam, the loop's generator)."""
+    flow.to(cfg.device)
+    gen = torch.Generator().manual_seed(seed)
+    init_idx = torch.randperm(len(train), generator=gen)[: min(512, len(train))]
+    initialize_actnorms(flow, dequantize(train[init_idx], gen).to(cfg.device))  # a resume overwrites these weights
+    return torch.optim.Adam(flow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), gen
+
+
+def train_flow(flow: Flow, cfg, train: torch.Tensor, seed: int) -> dict:
+    """Train `flow` on uint8 images (N, C, H, W) without checkpoints (tests); return {history, train_s}."""
+    opt, gen = prepare_training(flow, cfg, train, seed)
+    step_fn = make_step(flow, opt, cfg, train, gen)
+    started = time.time()
+    flow.train()
+    history = [[step, step_fn(step)["bpd"]] for step in range(cfg.steps)]
     flow.eval()
-    return {"history": history, "train_s": train_s, "cpu_s": cpu_s, "steps": cfg.steps}
+    return {"history": history, "train_s": time.time() - started}
 
 
-def config_json(cfg) -> str:
-    """Return the config dataclass as JSON (what `sample` rebuilds the flow from)."""
-    import dataclasses
+# ------------------------------------------------------------------ the stages
 
-    return json.dumps(dataclasses.asdict(cfg), indent=2)
+
+def temperature_grid(flow: Flow, temperatures, per_row: int, seed: int) -> torch.Tensor:
+    """Return (len(temperatures) · per_row, 3, S, S) samples in [-1, 1]: one row per temperature, the same noise seeds."""
+    rows = [to_images(flow.sample(per_row, t, torch.Generator().manual_seed(seed)).cpu()) for t in temperatures]
+    return torch.cat(rows)
+
+
+def run_flow(ctx, name: str):
+    """Train the flow `name` on the train split; report exact test bits/dim, baselines, FID-like per temperature."""
+    from multimodal.pictures import save_grid
+    from multimodal.zoo.common import (bits_per_dim_continuous, final_loss, finish, judge_images,
+                                       judge_sample_count, load_data, train_loop)
+
+    cfg = ctx.config
+    torch.manual_seed(ctx.seed)
+    data = load_data(ctx)
+    dims = data.dims
+    flow = build_flow(name, cfg, tuple(data.train_uint8.shape[1:]))
+    opt, gen = prepare_training(flow, cfg, data.train_uint8, ctx.seed)
+    step_fn = make_step(flow, opt, cfg, data.train_uint8, gen)
+    log = train_loop(ctx, name, {"flow": flow}, {"adam": opt}, cfg.steps, step_fn, gen, cfg.checkpoint_every)
+
+    started = time.time()
+    test_bpd = bits_per_dim_continuous(heldout_nll(flow, data.test_uint8, ctx.seed + 1), dims)
+    train_bpd = bits_per_dim_continuous(heldout_nll(flow, data.train_uint8[: len(data.test_uint8)], ctx.seed + 1), dims)
+    gauss_bpd = bits_per_dim_continuous(gaussian_baseline_nll(data.train_uint8, data.test_uint8, ctx.seed), dims)
+    metrics = {
+        "test_bits_per_dim": round(test_bpd, 4),
+        "train_bits_per_dim": round(train_bpd, 4),  # on as many train images as the test split holds
+        "baseline_gaussian_bits_per_dim": round(gauss_bpd, 4),  # independent per-dimension Gaussian (fit on train)
+        "baseline_histogram_bits_per_dim": round(histogram_baseline_bpd(data.train_uint8, data.test_uint8), 4),
+        "baseline_uniform_bits_per_dim": 8.0,
+        "final_train_bits_per_dim": final_loss(log["history"]),
+    }
+    n = judge_sample_count(data)
+    fids = {}
+    for i, t in enumerate(cfg.temperatures if cfg.judge else ()):
+        images = to_images(flow.sample(n, t, torch.Generator().manual_seed(ctx.seed + 100 + i)).cpu())
+        judged = judge_images(data, images)
+        fids[t] = judged["fid_like"]
+        metrics[f"fid_like_t{t:g}"] = judged["fid_like"]
+        metrics["fid_floor"] = judged["fid_floor"]
+    if fids:
+        best = min(fids, key=fids.get)
+        metrics.update({"fid_like": fids[best], "fid_like_temperature": best})
+    grid = temperature_grid(flow, cfg.temperatures, 8, ctx.seed + 7)
+    save_grid(((grid.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy(), ctx.out_dir / "temperatures.png", 8, 3,
+              [f"T={t:g}" for t in cfg.temperatures])
+    metrics.update({"steps": cfg.steps, "train_s": round(log["train_s"], 1), "eval_s": round(time.time() - started, 1)})
+    return finish(ctx, {"flow": flow.cpu()}, metrics, grid, {"temperatures": "temperatures.png"})
+
+
+def run_realnvp(ctx):
+    """The `zoo_realnvp` stage."""
+    return run_flow(ctx, "realnvp")
+
+
+def run_glow(ctx):
+    """The `zoo_glow` stage."""
+    return run_flow(ctx, "glow")
+
+
+def load_flow(stage_dir: Path) -> Flow:
+    """Return the trained flow a `zoo_realnvp` / `zoo_glow` stage wrote."""
+    from multimodal.zoo.common import load_config, load_state, read_stage
+    from multimodal.zoo.flows_config import GlowConfig, RealNVPConfig
+
+    record = read_stage(stage_dir)
+    name = record["recipe"]
+    cfg = load_config(stage_dir, {"realnvp": RealNVPConfig, "glow": GlowConfig}[name])
+    size = record["image_size"]
+    flow = build_flow(name, cfg, (3, size, size))
+    flow.load_state_dict(load_state(stage_dir, "flow"))
+    return flow.eval()
+
+
+DEFAULT_TEMPERATURE = 0.7
+
+
+def sample_flow(stage_dir: Path, n: int, seed: int, temperature: float = DEFAULT_TEMPERATURE,
+                label: int | None = None) -> torch.Tensor:
+    """Return n samples (n, 3, S, S) in [-1, 1] drawn at `temperature` (the flows are unconditional: no label)."""
+    if label is not None:
+        raise ValueError("the flows are unconditional: --label does not apply")
+    flow = load_flow(Path(stage_dir))
+    return to_images(flow.sample(n, temperature, torch.Generator().manual_seed(seed)))

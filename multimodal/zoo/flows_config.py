@@ -25,8 +25,8 @@ class RealNVPConfig:
     weight_decay: float = 5e-5  # L2 on the coupling nets (as the paper)
     grad_clip: float = 50.0
     checkpoint_every: int = 100  # steps between checkpoints (a killed stage resumes)
-    temperatures: tuple[float, ...] = (0.5, 0.7, 0.85, 1.0)  # one grid row each
-    eval_samples: int = 440  # generated images judged (FID-like) at each temperature
+    temperatures: tuple[float, ...] = (0.5, 0.7, 0.85, 1.0)  # one grid row each; FID-like judged at each
+    judge: bool = True  # FID-like distance of judge_sample_count() samples per temperature
     device: str = "cpu"
 
 
@@ -48,5 +48,5 @@ class GlowConfig:
     grad_clip: float = 50.0
     checkpoint_every: int = 100
     temperatures: tuple[float, ...] = (0.5, 0.7, 0.85, 1.0)
-    eval_samples: int = 440
+    judge: bool = True
     device: str = "cpu"

@@ -17,6 +17,7 @@ import dataclasses
 import importlib
 from typing import Callable
 
+from multimodal.zoo.flows_config import GlowConfig, RealNVPConfig
 from multimodal.zoo.likelihood_config import AEConfig, PixelCNNConfig, VAEConfig, VQVAEPixelCNNConfig
 
 
@@ -80,6 +81,19 @@ _PENDING: tuple[ZooRecipe, ...] = (  # Z1's next recipes, registered as they lan
 
 GANS: tuple[ZooRecipe, ...] = ()  # helper Z2 (multimodal/zoo/gans_config.py)
 
-FLOWS: tuple[ZooRecipe, ...] = ()  # helper Z3 (multimodal/zoo/flows_config.py)
+_FLOWS_CODE = ("multimodal/zoo/flows.py", "multimodal/zoo/flows_config.py")
+
+FLOWS: tuple[ZooRecipe, ...] = (
+    ZooRecipe("realnvp", "flows", RealNVPConfig, "multimodal.zoo.flows:run_realnvp",
+              "multimodal.zoo.flows:sample_flow", _FLOWS_CODE,
+              ("test_bits_per_dim", "baseline_gaussian_bits_per_dim", "fid_like", "train_s"),
+              ("zoo_realnvp.steps=4", "zoo_realnvp.hidden=8", "zoo_realnvp.final_couplings=2",
+               "zoo_realnvp.batch_size=16", "zoo_realnvp.checkpoint_every=2", "zoo_realnvp.judge=false")),
+    ZooRecipe("glow", "flows", GlowConfig, "multimodal.zoo.flows:run_glow",
+              "multimodal.zoo.flows:sample_flow", _FLOWS_CODE,
+              ("test_bits_per_dim", "baseline_gaussian_bits_per_dim", "fid_like", "train_s"),
+              ("zoo_glow.steps=4", "zoo_glow.hidden=8", "zoo_glow.steps_per_level=2",
+               "zoo_glow.batch_size=16", "zoo_glow.checkpoint_every=2", "zoo_glow.temperatures=0.7,1.0")),
+)
 
 RECIPES: dict[str, ZooRecipe] = {r.name: r for r in LIKELIHOOD + GANS + FLOWS}
