@@ -17,6 +17,8 @@ import dataclasses
 import importlib
 from typing import Callable
 
+from multimodal.zoo.gans_config import (CGANConfig, CycleGANConfig, DCGANConfig, Pix2PixConfig, StyleGANConfig,
+                                        WGANGPConfig)
 from multimodal.zoo.flows_config import GlowConfig, RealNVPConfig
 from multimodal.zoo.likelihood_config import AEConfig, PixelCNNConfig, VAEConfig, VQVAEPixelCNNConfig
 
@@ -57,29 +59,49 @@ LIKELIHOOD: tuple[ZooRecipe, ...] = (
               "multimodal.zoo.likelihood:sample_ae", _LIKELIHOOD_CODE,
               ("test_psnr_db", "train_s"),
               ("zoo_ae.steps=20", "zoo_ae.channels=8,16", "zoo_ae.latent_dim=8", "zoo_ae.checkpoint_every=10")),
-)
-
-_PENDING: tuple[ZooRecipe, ...] = (  # Z1's next recipes, registered as they land
     ZooRecipe("vae", "autoencoders", VAEConfig, "multimodal.zoo.likelihood:run_vae",
               "multimodal.zoo.likelihood:sample_vae", _LIKELIHOOD_CODE,
               ("test_bits_per_dim", "test_psnr_db", "fid_like", "train_s"),
               ("zoo_vae.steps=20", "zoo_vae.channels=8,16", "zoo_vae.latent_dim=8", "zoo_vae.kl_warmup=5",
-               "zoo_vae.checkpoint_every=10")),
+               "zoo_vae.checkpoint_every=10", "zoo_vae.judge=false")),
     ZooRecipe("vqvae_pixelcnn", "autoregressive", VQVAEPixelCNNConfig, "multimodal.zoo.likelihood:run_vqvae_pixelcnn",
               "multimodal.zoo.likelihood:sample_vqvae_pixelcnn", _LIKELIHOOD_CODE,
               ("test_psnr_db", "codebook_perplexity", "prior_bits_per_dim", "fid_like", "train_s"),
               ("zoo_vqvae_pixelcnn.vq_steps=20", "zoo_vqvae_pixelcnn.prior_steps=20",
                "zoo_vqvae_pixelcnn.channels=8,16", "zoo_vqvae_pixelcnn.codebook_size=16",
                "zoo_vqvae_pixelcnn.prior_channels=8", "zoo_vqvae_pixelcnn.prior_layers=2",
-               "zoo_vqvae_pixelcnn.checkpoint_every=10")),
+               "zoo_vqvae_pixelcnn.checkpoint_every=10", "zoo_vqvae_pixelcnn.judge=false")),
     ZooRecipe("pixelcnn", "autoregressive", PixelCNNConfig, "multimodal.zoo.likelihood:run_pixelcnn",
               "multimodal.zoo.likelihood:sample_pixelcnn", _LIKELIHOOD_CODE,
               ("test_bits_per_dim", "fid_like", "train_s"),
               ("zoo_pixelcnn.steps=10", "zoo_pixelcnn.channels=8", "zoo_pixelcnn.layers=2",
-               "zoo_pixelcnn.mixtures=2", "zoo_pixelcnn.sample_count=4", "zoo_pixelcnn.checkpoint_every=5")),
+               "zoo_pixelcnn.mixtures=2", "zoo_pixelcnn.sample_count=4", "zoo_pixelcnn.checkpoint_every=5",
+               "zoo_pixelcnn.judge=false")),
 )
 
-GANS: tuple[ZooRecipe, ...] = ()  # helper Z2 (multimodal/zoo/gans_config.py)
+_GAN_CODE = ("multimodal/zoo/gans.py", "multimodal/zoo/gans_config.py", "multimodal/image_metrics.py")
+
+
+def _gan(name: str, config: type, metrics: tuple[str, ...], smoke: tuple[str, ...]) -> ZooRecipe:
+    return ZooRecipe(name, "gans", config, f"multimodal.zoo.gans:run_{name}", f"multimodal.zoo.gans:sample_{name}",
+                     _GAN_CODE, metrics, tuple(f"zoo_{name}.{s}" for s in smoke))
+
+
+GANS: tuple[ZooRecipe, ...] = (
+    _gan("dcgan", DCGANConfig, ("fid_like", "baseline_fid_like", "train_s"),
+         ("steps=4", "g_channels=16", "d_channels=8", "checkpoint_every=2")),
+    _gan("wgan_gp", WGANGPConfig, ("fid_like", "baseline_fid_like", "train_s"),
+         ("steps=3", "critic_iters=2", "g_channels=16", "d_channels=8", "checkpoint_every=2")),
+    _gan("cgan", CGANConfig, ("fid_like", "class_accuracy", "train_s"),
+         ("steps=4", "g_channels=16", "d_channels=8", "checkpoint_every=2")),
+    _gan("stylegan", StyleGANConfig, ("fid_like", "baseline_fid_like", "train_s"),
+         ("steps=4", "channels=8", "d_channels=8", "mapping_layers=2", "z_dim=16", "w_dim=16", "r1_every=2",
+          "checkpoint_every=2")),
+    _gan("pix2pix", Pix2PixConfig, ("test_psnr_db", "test_ssim", "train_s"),
+         ("steps=4", "channels=8", "d_channels=8", "checkpoint_every=2")),
+    _gan("cyclegan", CycleGANConfig, ("cycle_psnr_db", "translation_psnr_db", "domain_accuracy", "train_s"),
+         ("steps=4", "channels=8", "blocks=1", "d_channels=8", "checkpoint_every=2")),
+)
 
 _FLOWS_CODE = ("multimodal/zoo/flows.py", "multimodal/zoo/flows_config.py")
 
