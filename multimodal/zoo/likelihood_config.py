@@ -67,11 +67,12 @@ class VQVAEPixelCNNConfig:
 class PixelCNNConfig:
     """Settings of the `zoo_pixelcnn` stage (gated PixelCNN on pixels, discretised logistic mixture)."""
 
-    channels: int = 48
+    channels: int = 32
     layers: int = 6
-    kernel: int = 5
+    kernel: int = 3  # each layer widens the view by kernel // 2 rows up and columns left
     mixtures: int = 5  # logistic components per pixel (R -> G -> B linear dependence as in PixelCNN++)
-    steps: int = 1500
+    conditional: bool = False  # class-conditional (a label embedding in every gated layer); judged for accuracy
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 2e-3
     checkpoint_every: int = 250
