@@ -1,8 +1,10 @@
 """Tests of the normalizing-flow recipes of the model zoo (RealNVP, Glow): exact invertibility,
-log-determinants against brute-force Jacobians, bits/dim of known densities, and short training runs."""
+log-determinants against brute-force Jacobians, bits/dim of known densities, the stages under the
+`smoke` preset through the runner, and a short training run against the per-dimension baseline."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,8 +16,67 @@ from multimodal.zoo.flows import (ActNorm, AffineCoupling, GlowCoupling, InvConv
                                   bits_per_dim, build_flow, dequantize, gaussian_baseline_nll,
                                   histogram_baseline_bpd, initialize_actnorms, heldout_nll, train_flow)
 from multimodal.zoo.flows_config import GlowConfig, RealNVPConfig
+from multimodal.zoo.registry import RECIPES
 
 torch.set_num_threads(1)
+
+FLOWS = [name for name, r in RECIPES.items() if r.family == "flows"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """Run t2i_data, zoo_realnvp and zoo_glow under `smoke` through the runner; return the run dir."""
+    from pipeline.execution import run_stages
+    from pipeline.presets import resolve_configs
+
+    run_dir = tmp_path_factory.mktemp("zoo_flows")
+    names = ["t2i_data", *(RECIPES[n].stage for n in FLOWS)]
+    states = run_stages(run_dir, resolve_configs("smoke"), names)
+    assert states == dict.fromkeys(names, "completed"), states
+    return run_dir
+
+
+def test_flow_recipes_are_registered():
+    assert FLOWS == ["realnvp", "glow"]
+    assert all("test_bits_per_dim" in RECIPES[n].key_metrics for n in FLOWS)
+
+
+@pytest.mark.parametrize("name", ["realnvp", "glow"])
+def test_flow_trains_under_smoke_and_samples_deterministically(smoke_run, name):
+    from multimodal.zoo.flows import sample_flow
+
+    recipe = RECIPES[name]
+    m = json.loads((smoke_run / recipe.stage / "manifest.json").read_text())
+    assert m["status"] == "completed" and not (smoke_run / recipe.stage / "checkpoints").exists()
+    metrics = m["metrics"]
+    assert {"params", "train_s", "test_bits_per_dim", "baseline_gaussian_bits_per_dim",
+            "baseline_histogram_bits_per_dim", "train_bits_per_dim"} <= set(metrics)
+    assert 0 < metrics["test_bits_per_dim"] < 20 and metrics["baseline_uniform_bits_per_dim"] == 8.0
+    if name == "glow":  # judged under smoke (realnvp's smoke skips the judge), at its two temperatures
+        assert {"fid_like_t0.7", "fid_like_t1"} <= set(metrics) and metrics["fid_like"] > metrics["fid_floor"] > 0
+    assert {"config", "samples", "temperatures", "flow"} <= set(m["outputs"])
+    assert (smoke_run / recipe.stage / "temperatures.png").is_file()
+    sample = recipe.load_sample()
+    assert sample is sample_flow
+    a = sample(smoke_run / recipe.stage, 3, seed=5)
+    b = sample(smoke_run / recipe.stage, 3, seed=5)
+    assert a.shape == (3, 3, 16, 16) and torch.isfinite(a).all() and a.abs().max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, sample(smoke_run / recipe.stage, 3, seed=6))
+    cold, hot = (sample(smoke_run / recipe.stage, 64, seed=1, temperature=t) for t in (0.2, 1.0))
+    assert cold.std(0).mean() < hot.std(0).mean()  # a lower temperature draws closer to the mode
+    with pytest.raises(ValueError):
+        sample(smoke_run / recipe.stage, 2, seed=0, label=3)
+
+
+def test_zoo_cli_samples_a_flow_at_a_temperature(smoke_run, tmp_path):
+    from PIL import Image
+
+    from multimodal.cli import zoo_main
+
+    png = tmp_path / "glow.png"
+    assert zoo_main(["glow", "sample", "--run-dir", str(smoke_run), "--num", "2", "--temperature", "0.5",
+                     "--out", str(png)]) == 0
+    assert Image.open(png).size[0] > 2 * 16
 
 
 def randomize(module: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
