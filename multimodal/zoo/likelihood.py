@@ -110,6 +110,17 @@ def quantise(images: torch.Tensor) -> torch.Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
+def marginal_bits_per_dim(train_uint8: torch.Tensor, test_uint8: torch.Tensor) -> float:
+    """Return the test bits/dim of the trivial baseline: an independent 256-level histogram per sub-pixel position,
+    counted on the train split (add-one smoothed)."""
+    flat_train, flat_test = train_uint8.flatten(1).long(), test_uint8.flatten(1).long()
+    counts = torch.ones(flat_train.shape[1], 256)
+    counts.scatter_add_(1, flat_train.T, torch.ones(flat_train.T.shape))
+    log_p = (counts / counts.sum(1, keepdim=True)).log()
+    nll = -log_p.gather(1, flat_test.T).sum()
+    return bits_per_dim_discrete(float(nll), flat_test.numel())
+
+
 # ---------------------------------------------------------------- conv encoder / decoder
 
 
@@ -362,6 +373,7 @@ def run_vae(ctx: StageContext) -> StageResult:
     metrics = {
         **figures,
         "likelihood": "discretised logistic per sub-pixel (256 levels); bits/dim = negative ELBO, discrete",
+        "baseline_bits_per_dim": round(marginal_bits_per_dim(data.train_uint8, data.test_uint8), 4),
         "beta": cfg.beta,
         "final_train_bits_per_dim": final_loss(log["history"], column=2),
         **(judge_images(data, samples) if cfg.judge else {}),
@@ -501,6 +513,7 @@ def run_pixelcnn(ctx: StageContext) -> StageResult:
     samples = pixelcnn_generate(net, n, data.image_size, cfg.mixtures, gen_s, labels)
     metrics = {
         "test_bits_per_dim": round(bits_per_dim_discrete(total, dims * len(data.test)), 4),
+        "baseline_bits_per_dim": round(marginal_bits_per_dim(data.train_uint8, data.test_uint8), 4),
         "likelihood": f"discretised logistic mixture ({cfg.mixtures}) per pixel, exact, discrete",
         "final_train_bits_per_dim": final_loss(log["history"]),
         **(judge_images(data, samples, labels) if cfg.judge else {}),
@@ -531,9 +544,9 @@ class VectorQuantizer(nn.Module):
     """Nearest-codebook quantisation with an EMA codebook (van den Oord et al. 2017, appendix; decay 0.99),
     a straight-through gradient, and restarts of codes unused for a while from random encoder outputs."""
 
-    def __init__(self, size: int, dim: int, decay: float = 0.99, eps: float = 1e-5):
+    def __init__(self, size: int, dim: int, decay: float = 0.99, eps: float = 1e-5, usage_decay: float = 0.95):
         super().__init__()
-        self.decay, self.eps = decay, eps
+        self.decay, self.eps, self.usage_decay = decay, eps, usage_decay  # usage: a short window (~20 steps)
         self.register_buffer("codebook", torch.zeros(size, dim))
         self.register_buffer("cluster_size", torch.zeros(size))
         self.register_buffer("embed_sum", torch.zeros(size, dim))
@@ -559,6 +572,7 @@ class VectorQuantizer(nn.Module):
             self.codebook.copy_(flat[pick])
             self.embed_sum.copy_(flat[pick])
             self.cluster_size.fill_(1.0)
+            self.usage.fill_(1.0 / len(self.codebook))
             self.initialised.fill_(1.0)
         idx = self.indices(z)
         if self.training:
@@ -570,7 +584,7 @@ class VectorQuantizer(nn.Module):
                 n = self.cluster_size.sum()
                 size = (self.cluster_size + self.eps) / (n + len(self.codebook) * self.eps) * n
                 self.codebook.copy_(self.embed_sum / size[:, None])
-                self.usage.mul_(self.decay).add_(counts / counts.sum(), alpha=1 - self.decay)
+                self.usage.mul_(self.usage_decay).add_(counts / counts.sum(), alpha=1 - self.usage_decay)
                 dead = self.usage < 0.03 / len(self.codebook)
                 if restart and bool(dead.any()):
                     pick = torch.randint(0, len(flat), (int(dead.sum()),), generator=gen)
@@ -608,6 +622,13 @@ def code_statistics(idx: torch.Tensor, size: int) -> dict:
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"codebook_usage": round(float((p > 0).float().mean()), 4),
             "codebook_perplexity": round(float(entropy.exp()), 2)}
+
+
+def unigram_bits(train_codes: torch.Tensor, test_codes: torch.Tensor, size: int) -> float:
+    """Return the bits per test code of the code histogram of the train codes (add-one smoothed): the prior's
+    trivial baseline."""
+    counts = torch.bincount(train_codes.flatten(), minlength=size).float() + 1
+    return float(-(counts / counts.sum()).log2()[test_codes.flatten()].mean())
 
 
 def run_vqvae_pixelcnn(ctx: StageContext) -> StageResult:
@@ -667,9 +688,11 @@ def run_vqvae_pixelcnn(ctx: StageContext) -> StageResult:
         "code_grid": list(train_codes.shape[1:]),
         "prior_bits_per_code": round(code_nll / (n_test * codes_per_image * math.log(2)), 4),
         "uniform_bits_per_code": round(math.log2(cfg.codebook_size), 4),
+        "unigram_bits_per_code": round(unigram_bits(train_codes, test_codes, cfg.codebook_size), 4),
         "prior_bits_per_dim": round(bits_per_dim_discrete(code_nll, dims * n_test), 4),
         "recon_bits_per_dim": round(bits_per_dim_discrete(recon_nll, dims * n_test), 4),
         "test_bits_per_dim": round(bits_per_dim_discrete(code_nll + recon_nll, dims * n_test), 4),
+        "baseline_bits_per_dim": round(marginal_bits_per_dim(data.train_uint8, data.test_uint8), 4),
         "likelihood": "-log p(codes) under the PixelCNN prior - log p(x | codes), discretised logistic; discrete",
         "final_recon_bits_per_dim": final_loss(vq_log["history"]),
         "final_train_bits_per_code": final_loss(prior_log["history"]),
