@@ -19,7 +19,7 @@ class RealNVPConfig:
     final_couplings: int = 4  # checkerboard couplings of the last level
     preprocess: str = "logit"  # logit | affine: the map of the dequantised unit cube to the flow's input
     logit_alpha: float = 0.05  # logit(α + (1 − 2α) y): keeps the logit finite at 0 and 1
-    steps: int = 500
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 5e-5  # L2 on the coupling nets (as the paper)
@@ -41,7 +41,7 @@ class GlowConfig:
     learned_prior: bool = True  # factored-out halves get N(μ, σ) from a zero-initialised conv of the kept half
     preprocess: str = "affine"  # affine (y − ½) | logit
     logit_alpha: float = 0.05
-    steps: int = 500
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
