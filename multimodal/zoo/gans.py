@@ -170,10 +170,10 @@ def reference_classes(data: ZooData, per_class: int = 20) -> torch.Tensor:
 
 
 def generate(generator: nn.Module, n: int, gen: torch.Generator, labels: torch.Tensor | None = None,
-             batch: int = 256, **kwargs) -> torch.Tensor:
-    """Return n generated images (CPU) from latents drawn from `gen`, in batches, without gradients."""
+             batch: int = 256, temperature: float = 1.0, **kwargs) -> torch.Tensor:
+    """Return n generated images (CPU) from latents z ~ N(0, temperature^2 I) drawn from `gen`, without gradients."""
     device = next(generator.parameters()).device
-    z = torch.randn(n, generator.z_dim, generator=gen)
+    z = torch.randn(n, generator.z_dim, generator=gen) * temperature
     out = []
     with torch.no_grad():
         for s in range(0, n, batch):
@@ -248,9 +248,16 @@ def _load_dcgan(stage_dir: Path, config_cls=DCGANConfig) -> Generator:
     return _load(stage_dir, {"generator": G})["generator"]
 
 
+def unconditional(options: dict) -> float:
+    """Return the latent temperature of an unconditional sampler's options; refuse a class label."""
+    if options.get("label") is not None:
+        raise ValueError("this GAN is unconditional: no --label (the class-conditional one is cgan)")
+    return float(options.get("temperature") or 1.0)
+
+
 def sample_dcgan(stage_dir: Path, n: int, seed: int, **options) -> torch.Tensor:
-    """Return n DCGAN samples (n, 3, S, S) in [-1, 1] from latents drawn with `seed`."""
-    return generate(_load_dcgan(stage_dir), n, torch.Generator().manual_seed(seed))
+    """Return n DCGAN samples (n, 3, S, S) in [-1, 1] from latents drawn with `seed` (scaled by `temperature`)."""
+    return generate(_load_dcgan(stage_dir), n, torch.Generator().manual_seed(seed), temperature=unconditional(options))
 
 
 # ---------------------------------------------------------------- wgan-gp
@@ -295,8 +302,9 @@ def run_wgan_gp(ctx: StageContext) -> StageResult:
 
 
 def sample_wgan_gp(stage_dir: Path, n: int, seed: int, **options) -> torch.Tensor:
-    """Return n WGAN-GP samples (n, 3, S, S) in [-1, 1] from latents drawn with `seed`."""
-    return generate(_load_dcgan(stage_dir, WGANGPConfig), n, torch.Generator().manual_seed(seed))
+    """Return n WGAN-GP samples (n, 3, S, S) in [-1, 1] from latents drawn with `seed` (scaled by `temperature`)."""
+    return generate(_load_dcgan(stage_dir, WGANGPConfig), n, torch.Generator().manual_seed(seed),
+                    temperature=unconditional(options))
 
 
 # ---------------------------------------------------------------- cgan
@@ -347,7 +355,8 @@ def run_cgan(ctx: StageContext) -> StageResult:
                   {"num_classes": k})
 
 
-def sample_cgan(stage_dir: Path, n: int, seed: int, label: int | None = None, **options) -> torch.Tensor:
+def sample_cgan(stage_dir: Path, n: int, seed: int, label: int | None = None, temperature: float = 1.0,
+                **options) -> torch.Tensor:
     """Return n samples of class `label` (or of classes 0, 1, 2, ... in turn) as (n, 3, S, S) in [-1, 1]."""
     cfg = load_config(stage_dir, CGANConfig)
     record = read_stage(stage_dir)
@@ -356,7 +365,7 @@ def sample_cgan(stage_dir: Path, n: int, seed: int, label: int | None = None, **
     if label is not None and not 0 <= int(label) < k:
         raise ValueError(f"label {label} is not a class id 0..{k - 1}")
     labels = torch.full((n,), int(label)) if label is not None else torch.arange(n) % k
-    return generate(G, n, torch.Generator().manual_seed(seed), labels)
+    return generate(G, n, torch.Generator().manual_seed(seed), labels, temperature=temperature)
 
 
 # ---------------------------------------------------------------- stylegan
@@ -610,10 +619,15 @@ def _load_stylegan(stage_dir: Path) -> tuple[StyleGenerator, StyleGANConfig]:
 
 
 def sample_stylegan(stage_dir: Path, n: int, seed: int, truncation: float | None = None, **options) -> torch.Tensor:
-    """Return n samples of the EMA generator (n, 3, S, S) in [-1, 1]; latents and noise drawn with `seed`."""
+    """Return n samples of the EMA generator (n, 3, S, S) in [-1, 1]; latents and noise drawn with `seed`.
+
+    `truncation` (or `temperature`, as the CLI names it) is psi of the truncation trick:
+    w = w_avg + psi·(w - w_avg).
+    """
     G, cfg = _load_stylegan(stage_dir)
     gen = torch.Generator().manual_seed(seed)
-    psi = cfg.truncation if truncation is None else float(truncation)
+    temperature = unconditional(options) if options.get("temperature") is not None else None
+    psi = cfg.truncation if truncation is None and temperature is None else float(truncation or temperature)
     return generate(G, n, gen, truncation=psi, noise_gen=gen)
 
 
@@ -642,16 +656,22 @@ def amber_style(images: torch.Tensor) -> torch.Tensor:
     return (b + ink * (a - b)) * 2 - 1
 
 
+def unpaired_halves(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return two disjoint random halves (index tensors) of the digit images among `labels` (classes 0-9)."""
+    digits = torch.nonzero(labels < 10)[:, 0]
+    order = digits[torch.randperm(len(digits), generator=torch.Generator().manual_seed(seed))]
+    half = len(order) // 2
+    return order[:half], order[half: 2 * half]
+
+
 def unpaired_domains(images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the CycleGAN training domains from one split's digits: (A, B) from disjoint random halves.
 
     A: half the digits as drawn (white on black); B: the other half redrawn amber on navy,
     so no image of A has its counterpart in B.
     """
-    digits = torch.nonzero(labels < 10)[:, 0]
-    order = digits[torch.randperm(len(digits), generator=torch.Generator().manual_seed(seed))]
-    half = len(order) // 2
-    return images[order[:half]], amber_style(images[order[half:]])
+    idx_a, idx_b = unpaired_halves(labels, seed)
+    return images[idx_a], amber_style(images[idx_b])
 
 
 class Examples(nn.Module):
@@ -788,6 +808,7 @@ def run_pix2pix(ctx: StageContext) -> StageResult:
 
 def sample_pix2pix(stage_dir: Path, n: int, seed: int, **options) -> torch.Tensor:
     """Return pix2pix's images (n, 3, S, S) in [-1, 1] from n held-out outlines picked with `seed`."""
+    unconditional(options)
     cfg = load_config(stage_dir, Pix2PixConfig)
     G = _load(stage_dir, {"generator": UNet(cfg.channels, cfg.levels)})["generator"]
     return translate(G, _pick(load_state(stage_dir, EXAMPLES)["inputs"], n, seed)).clamp(-1, 1)
@@ -895,6 +916,7 @@ def sample_cyclegan(stage_dir: Path, n: int, seed: int, direction: str = "a2b", 
     """Return n translations (n, 3, S, S) in [-1, 1] of held-out digits picked with `seed`: a2b (white -> amber) or b2a."""
     if direction not in ("a2b", "b2a"):
         raise ValueError(f"direction must be a2b or b2a, not {direction!r}")
+    unconditional(options)
     cfg = load_config(stage_dir, CycleGANConfig)
     net, source = ("g_ab", "examples_a") if direction == "a2b" else ("g_ba", "examples_b")
     G = _load(stage_dir, {net: ResnetGenerator(cfg.channels, cfg.blocks)})[net]

@@ -16,7 +16,7 @@ class DCGANConfig:
     z_dim: int = 64
     g_channels: int = 64  # generator width at 4x4 (halved at every upsampling)
     d_channels: int = 32  # discriminator width at 16x16 (doubled at every downsampling)
-    steps: int = 2000  # generator steps (one discriminator step each)
+    steps: int = 800  # generator steps (one discriminator step each); ~4 min on a busy 2-core CPU
     batch_size: int = 64
     lr: float = 2e-4
     beta1: float = 0.5
@@ -31,13 +31,13 @@ class WGANGPConfig:
     z_dim: int = 64
     g_channels: int = 64
     d_channels: int = 32
-    steps: int = 800  # generator steps
+    steps: int = 200  # generator steps
     critic_iters: int = 5  # critic steps per generator step
     gp_weight: float = 10.0  # lambda of (||grad D(x_hat)|| - 1)^2 on random interpolates
     batch_size: int = 64
     lr: float = 2e-4
     betas: tuple[float, float] = (0.0, 0.9)
-    checkpoint_every: int = 100
+    checkpoint_every: int = 50
     device: str = "cpu"
 
 
@@ -48,7 +48,7 @@ class CGANConfig:
     z_dim: int = 64
     g_channels: int = 64
     d_channels: int = 32
-    steps: int = 2000
+    steps: int = 700
     batch_size: int = 64
     lr: float = 2e-4
     betas: tuple[float, float] = (0.0, 0.9)
@@ -68,14 +68,14 @@ class StyleGANConfig:
     style_mixing: float = 0.9  # probability of a two-latent crossover in a training batch
     r1_gamma: float = 1.0  # R1 penalty weight on real images
     r1_every: int = 4  # lazy R1 regularisation
-    steps: int = 1500
+    steps: int = 450
     batch_size: int = 32
     lr: float = 2e-3
     mapping_lr_mult: float = 0.01
     betas: tuple[float, float] = (0.0, 0.99)
     ema: float = 0.995  # exponential moving average of the generator (used for sampling)
     truncation: float = 1.0  # psi of the truncation trick in sampling (1 = off)
-    checkpoint_every: int = 250
+    checkpoint_every: int = 150
     device: str = "cpu"
 
 
@@ -87,7 +87,7 @@ class Pix2PixConfig:
     levels: int = 3  # down/up-sampling levels of the U-Net (16 -> 2)
     d_channels: int = 32
     l1_weight: float = 100.0
-    steps: int = 1500
+    steps: int = 1400
     batch_size: int = 32
     lr: float = 2e-4
     beta1: float = 0.5
@@ -104,9 +104,9 @@ class CycleGANConfig:
     d_channels: int = 32
     cycle_weight: float = 10.0
     identity_weight: float = 5.0  # x 0.5 of cycle, as CycleGAN
-    steps: int = 1000
+    steps: int = 500
     batch_size: int = 16
     lr: float = 2e-4
     beta1: float = 0.5
-    checkpoint_every: int = 250
+    checkpoint_every: int = 100
     device: str = "cpu"
