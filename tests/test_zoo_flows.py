@@ -213,6 +213,17 @@ def test_bits_per_dim_of_known_densities():
     assert bits_per_dim(gaussian_baseline_nll(smooth[:10000], smooth[10000:], 0), 4) == pytest.approx(expected, abs=0.02)
 
 
+def test_samples_become_images_on_the_256_levels_even_where_an_inverse_overflowed():
+    from multimodal.zoo.flows import to_images
+
+    y = torch.tensor([0.0, 0.5, 0.999, 1.5, -0.2, float("nan"), float("inf"), float("-inf")])
+    x = to_images(y)
+    assert torch.isfinite(x).all() and x.abs().max() <= 1
+    levels = (x + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert levels.round().tolist() == [0, 128, 255, 255, 0, 0, 255, 0]
+
+
 @pytest.mark.slow
 def test_short_flow_training_beats_the_per_dimension_baselines():
     """Reduced settings (≈ 15 s each with one thread on an idle machine): 150 steps at batch 32, narrower

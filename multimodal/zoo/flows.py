@@ -77,7 +77,9 @@ def dequantize(x_uint8: torch.Tensor, gen: torch.Generator | None = None) -> tor
 
 
 def to_images(y: torch.Tensor) -> torch.Tensor:
-    """Return unit-cube samples y as images in [-1, 1] (quantised to the 256 bins)."""
+    """Return unit-cube samples y as images in [-1, 1] (quantised to the 256 bins; a non-finite value, from an
+    inverse coupling overflowing at a high temperature, becomes black)."""
+    y = torch.nan_to_num(y, nan=0.0, posinf=1.0, neginf=0.0)
     x = torch.floor(y.clamp(0, 1) * 256).clamp(0, 255)
     return x / 127.5 - 1.0
 
@@ -579,16 +581,18 @@ def run_flow(ctx, name: str):
         "final_train_bits_per_dim": final_loss(log["history"]),
     }
     n = judge_sample_count(data)
-    fids = {}
+    fids, nonfinite = {}, 0
     for i, t in enumerate(cfg.temperatures if cfg.judge else ()):
-        images = to_images(flow.sample(n, t, torch.Generator().manual_seed(ctx.seed + 100 + i)).cpu())
-        judged = judge_images(data, images)
+        y = flow.sample(n, t, torch.Generator().manual_seed(ctx.seed + 100 + i)).cpu()
+        nonfinite += int((~torch.isfinite(y.flatten(1))).any(1).sum())
+        judged = judge_images(data, to_images(y))
         fids[t] = judged["fid_like"]
         metrics[f"fid_like_t{t:g}"] = judged["fid_like"]
         metrics["fid_floor"] = judged["fid_floor"]
     if fids:
         best = min(fids, key=fids.get)
-        metrics.update({"fid_like": fids[best], "fid_like_temperature": best})
+        metrics.update({"fid_like": fids[best], "fid_like_temperature": best,
+                        "nonfinite_samples": nonfinite})  # of the judged samples, all temperatures
     grid = temperature_grid(flow, cfg.temperatures, 8, ctx.seed + 7)
     save_grid(((grid.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy(), ctx.out_dir / "temperatures.png", 8, 3,
               [f"T={t:g}" for t in cfg.temperatures])
