@@ -117,27 +117,44 @@ class Discriminator(nn.Module):
     """Conv discriminator (B, 3, S, S) -> (B,) logits (or critic values); projection term where num_classes.
 
     Downsamples to 4x4 (LeakyReLU 0.2, no normalisation, so a gradient penalty is per sample);
-    `sn` wraps every layer in spectral normalisation.
+    `sn` wraps every layer in spectral normalisation; `minibatch_std` appends the standard
+    deviation across groups of 4 samples as one more 4x4 feature map (ProGAN/StyleGAN), so
+    the discriminator sees a batch's lack of variety (against mode dropping).
     """
 
-    def __init__(self, channels: int, image_size: int, num_classes: int = 0, sn: bool = False):
+    def __init__(self, channels: int, image_size: int, num_classes: int = 0, sn: bool = False,
+                 minibatch_std: bool = False):
         super().__init__()
+        self.minibatch_std = minibatch_std
         wrap = spectral_norm if sn else (lambda m: m)
         widths = [channels * 2 ** i for i in range(upsamplings(image_size) + 1)]
         layers: list[nn.Module] = [wrap(nn.Conv2d(3, widths[0], 3, padding=1)), nn.LeakyReLU(0.2)]
         for a, b in zip(widths, widths[1:]):
             layers += [wrap(nn.Conv2d(a, b, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(*layers)
-        self.features = widths[-1] * 16
+        self.features = (widths[-1] + int(minibatch_std)) * 16
         self.head = wrap(nn.Linear(self.features, 1))
         self.embed = wrap(nn.Embedding(num_classes, self.features)) if num_classes else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        phi = self.body(x).flatten(1)
+        h = self.body(x)
+        if self.minibatch_std:
+            h = torch.cat([h, minibatch_stddev(h)], 1)
+        phi = h.flatten(1)
         out = self.head(phi)[:, 0]
         if self.embed is not None:
             out = out + (self.embed(labels) * phi).sum(1)
         return out
+
+
+def minibatch_stddev(h: torch.Tensor, group: int = 4) -> torch.Tensor:
+    """Return (B, 1, H, W): per group of `group` samples (or the whole batch where it does not divide), the mean
+    over channels and pixels of the features' standard deviation across the group, broadcast to every member."""
+    b = len(h)
+    g = group if b % group == 0 else b
+    y = h.reshape(g, b // g, *h.shape[1:])  # sample i belongs to group i % (b // g)
+    std = (y.var(0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (b // g,)
+    return std.repeat(g)[:, None, None, None].expand(b, 1, *h.shape[2:])
 
 
 def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -206,7 +223,7 @@ def run_dcgan(ctx: StageContext) -> StageResult:
     torch.manual_seed(ctx.seed)
     data = load_data(ctx)
     G = Generator(cfg.z_dim, cfg.g_channels, data.image_size).to(cfg.device)
-    D = Discriminator(cfg.d_channels, data.image_size).to(cfg.device)
+    D = Discriminator(cfg.d_channels, data.image_size, minibatch_std=cfg.minibatch_std).to(cfg.device)
     opt_g = _adam(G.parameters(), cfg.lr, (cfg.beta1, 0.999))
     opt_d = _adam(D.parameters(), cfg.lr, (cfg.beta1, 0.999))
     gen = torch.Generator().manual_seed(ctx.seed)
@@ -529,7 +546,7 @@ def run_stylegan(ctx: StageContext) -> StageResult:
     G = StyleGenerator(cfg.z_dim, cfg.w_dim, cfg.mapping_layers, cfg.channels, data.image_size,
                        cfg.mapping_lr_mult).to(cfg.device)
     G_ema = copy.deepcopy(G)
-    D = Discriminator(cfg.d_channels, data.image_size).to(cfg.device)
+    D = Discriminator(cfg.d_channels, data.image_size, minibatch_std=cfg.minibatch_std).to(cfg.device)
     opt_g = _adam(G.parameters(), cfg.lr, cfg.betas)
     # lazy R1: the optimiser's hyper-parameters compensate for regularising every r1_every steps (StyleGAN2)
     c = cfg.r1_every / (cfg.r1_every + 1)

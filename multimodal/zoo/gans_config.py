@@ -16,11 +16,12 @@ class DCGANConfig:
     z_dim: int = 64
     g_channels: int = 64  # generator width at 4x4 (halved at every upsampling)
     d_channels: int = 32  # discriminator width at 16x16 (doubled at every downsampling)
-    steps: int = 800  # generator steps (one discriminator step each); ~4 min on a busy 2-core CPU
+    steps: int = 800  # generator steps (one discriminator step each)
     batch_size: int = 64
     lr: float = 2e-4
     beta1: float = 0.5
-    checkpoint_every: int = 250
+    minibatch_std: bool = False  # the discriminator sees each group of 4 samples' feature spread (ProGAN)
+    checkpoint_every: int = 200
     device: str = "cpu"
 
 
@@ -29,15 +30,15 @@ class WGANGPConfig:
     """Settings of the `zoo_wgan_gp` stage (WGAN-GP: critic iterations, gradient penalty)."""
 
     z_dim: int = 64
-    g_channels: int = 64
-    d_channels: int = 32
-    steps: int = 200  # generator steps
+    g_channels: int = 32
+    d_channels: int = 16
+    steps: int = 500  # generator steps
     critic_iters: int = 5  # critic steps per generator step
     gp_weight: float = 10.0  # lambda of (||grad D(x_hat)|| - 1)^2 on random interpolates
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-4
     betas: tuple[float, float] = (0.0, 0.9)
-    checkpoint_every: int = 50
+    checkpoint_every: int = 100
     device: str = "cpu"
 
 
@@ -46,13 +47,13 @@ class CGANConfig:
     """Settings of the `zoo_cgan` stage (class-conditional GAN: conditional BatchNorm generator, projection discriminator, hinge loss)."""
 
     z_dim: int = 64
-    g_channels: int = 64
-    d_channels: int = 32
-    steps: int = 700
-    batch_size: int = 64
-    lr: float = 2e-4
+    g_channels: int = 32
+    d_channels: int = 16
+    steps: int = 2500
+    batch_size: int = 32
+    lr: float = 3e-4
     betas: tuple[float, float] = (0.0, 0.9)
-    checkpoint_every: int = 250
+    checkpoint_every: int = 500
     device: str = "cpu"
 
 
@@ -63,12 +64,13 @@ class StyleGANConfig:
     z_dim: int = 64
     w_dim: int = 64
     mapping_layers: int = 4
-    channels: int = 48  # synthesis width (4x4 -> 8x8 -> 16x16)
+    channels: int = 32  # synthesis width (4x4 -> 8x8 -> 16x16)
     d_channels: int = 32
     style_mixing: float = 0.9  # probability of a two-latent crossover in a training batch
+    minibatch_std: bool = True
     r1_gamma: float = 1.0  # R1 penalty weight on real images
     r1_every: int = 4  # lazy R1 regularisation
-    steps: int = 450
+    steps: int = 900
     batch_size: int = 32
     lr: float = 2e-3
     mapping_lr_mult: float = 0.01
