@@ -100,7 +100,7 @@ def test_readme_stage_graph_is_the_registry():
     assert sorted(r[0] for r in rows) == sorted(RECIPES)  # every zoo recipe (stage zoo_<recipe>) has its row
     for row in rows:
         recipe = RECIPES[row[0]]
-        assert row[1] == recipe.family and f"aigc zoo {recipe.name} train" in row[3], row
+        assert row[1] == recipe.family and f"aigc zoo {recipe.name} train" in row[-1], row
         assert registry.chain(recipe.stage) == ("t2i_data", recipe.stage)
 
 

@@ -201,11 +201,9 @@ def batch_indices(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
 def interpolation_pairs(data: ZooData, pairs: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (a, b): `pairs` test images each, of different classes (deterministic)."""
     labels = data.test_labels
-    firsts = [int((labels == c).nonzero()[0]) for c in labels.unique().tolist()]
-    picks = firsts[:: max(1, len(firsts) // (2 * pairs))][: 2 * pairs]
-    while len(picks) < 2 * pairs:
-        picks.append(picks[len(picks) % max(1, len(firsts))])
-    idx = torch.tensor(picks)
+    firsts = [int((labels == c).nonzero()[0]) for c in labels.unique().tolist()]  # one image per class
+    spread = torch.linspace(0, len(firsts) - 1, 2 * pairs).round().long()  # classes across digits and shapes
+    idx = torch.tensor([firsts[int(i)] for i in spread])
     return data.test[idx[0::2]], data.test[idx[1::2]]
 
 
