@@ -213,6 +213,46 @@ def test_bits_per_dim_of_known_densities():
     assert bits_per_dim(gaussian_baseline_nll(smooth[:10000], smooth[10000:], 0), 4) == pytest.approx(expected, abs=0.02)
 
 
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_glow_run_resumes_to_the_uninterrupted_weights(tmp_path, capsys):
+    """ActNorm's data-dependent init must not re-run over restored weights: resume == uninterrupted."""
+    from types import SimpleNamespace
+
+    from multimodal.zoo.common import train_loop
+    from multimodal.zoo.flows import make_step, prepare_training
+
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cfg = GlowConfig(hidden=8, steps_per_level=2, steps=6, batch_size=8, checkpoint_every=3)
+
+    def train(out_dir, kill_at=None):
+        ctx = SimpleNamespace(out_dir=out_dir, is_main=True, name="zoo_glow")
+        torch.manual_seed(0)
+        flow = build_flow("glow", cfg, (3, 8, 8))
+        opt, gen = prepare_training(flow, cfg, images, seed=0)
+        step = make_step(flow, opt, cfg, images, gen)
+
+        def step_fn(i):
+            if i == kill_at:
+                raise Killed
+            return step(i)
+
+        train_loop(ctx, "glow", {"flow": flow}, {"adam": opt}, cfg.steps, step_fn, gen, cfg.checkpoint_every)
+        return flow
+
+    whole = train(tmp_path / "whole")
+    with pytest.raises(Killed):
+        train(tmp_path / "resumed", kill_at=4)  # after the checkpoint of step 3
+    assert (tmp_path / "resumed" / "checkpoints" / "glow" / "step_0000003").is_dir()
+    capsys.readouterr()
+    resumed = train(tmp_path / "resumed")
+    assert "resuming after step 3 of 6" in capsys.readouterr().out
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_samples_become_images_on_the_256_levels_even_where_an_inverse_overflowed():
     from multimodal.zoo.flows import to_images
 
