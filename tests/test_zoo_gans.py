@@ -5,7 +5,8 @@ Each recipe trains a few steps under the `smoke` preset through the pipeline's r
 run dir: t2i_data once) and samples deterministically; the gradient penalty is checked
 against a linear critic and finite differences, modulated-conv demodulation against unit
 variance, style mixing, the paired/unpaired data and the projection discriminator on
-known cases; one slow test trains DCGAN briefly and beats the trivial baseline.
+known cases; a StyleGAN stage killed mid-run resumes to the uninterrupted weights; one slow
+test trains DCGAN, pix2pix and CycleGAN briefly and beats their trivial baselines.
 """
 
 from __future__ import annotations
@@ -231,3 +232,39 @@ def test_trained_gans_beat_their_trivial_baselines(tmp_path):
     cyc = m["zoo_cyclegan"]
     assert cyc["domain_accuracy"] > 0.9 and cyc["translation_psnr_db"] > cyc["baseline_identity_psnr_db"] + 3, cyc
     assert cyc["cycle_psnr_db"] > 15 and cyc["judge_accuracy_b2a"] > 0.5, cyc
+
+
+class Killed(Exception):
+    """Stands for the stage's process being killed mid-run."""
+
+
+def test_a_killed_stylegan_stage_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
+    """The runner re-runs a failed stage in its work dir: the loop resumes from the checkpoint of step 3
+    (weights, Adam moments, the EMA generator, w_avg, torch and loop RNGs) and ends as the uninterrupted run."""
+    from multimodal.zoo import gans
+    from multimodal.zoo.common import load_state
+
+    over = ["zoo_stylegan.steps=6", "zoo_stylegan.checkpoint_every=3", "zoo_stylegan.r1_every=2"]
+    execute(tmp_path / "whole", "smoke", ["t2i_data", "zoo_stylegan"], over)
+    real_loop = gans.train_loop
+
+    def killed_at_step_4(ctx, phase, modules, optimizers, steps, step_fn, gen, every, **kwargs):
+        def step(i):
+            if i == 4:
+                raise Killed
+            return step_fn(i)
+        return real_loop(ctx, phase, modules, optimizers, steps, step, gen, every, **kwargs)
+
+    monkeypatch.setattr(gans, "train_loop", killed_at_step_4)
+    with pytest.raises(Killed):
+        execute(tmp_path / "resumed", "smoke", ["t2i_data", "zoo_stylegan"], over)
+    monkeypatch.setattr(gans, "train_loop", real_loop)
+    capsys.readouterr()
+    assert execute(tmp_path / "resumed", "smoke", ["zoo_stylegan"], over)["zoo_stylegan"]["status"] == "completed"
+    assert "resuming after step 3 of 6" in capsys.readouterr().out
+    for name in ("generator", "generator_ema", "discriminator"):
+        whole = load_state(tmp_path / "whole" / "zoo_stylegan", name)
+        resumed = load_state(tmp_path / "resumed" / "zoo_stylegan", name)
+        assert whole.keys() == resumed.keys()
+        for key, value in whole.items():
+            torch.testing.assert_close(resumed[key], value, msg=f"{name}/{key}")
