@@ -118,9 +118,9 @@ def triton_latency(pytorch: dict, onnx: dict) -> str:
         modes = {m["mode"]: m for m in doc["figures"]["modes"]}
         for c in doc["figures"]["args"]["concurrency"].split(","):
             stream, whole = modes[f"Triton c={c} stream"], modes[f"Triton c={c} whole"]
-            rows.append([backend, c, f"{stream['tokens_per_s']:.0f} ({stream['ratio_to_baseline']}×)",
+            rows.append([backend, c, f"{stream['tokens_per_s']:.0f} ({stream['ratio_to_baseline']:.2f}×)",
                          f"{stream['first_token']['p50_ms']:.1f} ms",
-                         f"{whole['tokens_per_s']:.0f} ({whole['ratio_to_baseline']}×)",
+                         f"{whole['tokens_per_s']:.0f} ({whole['ratio_to_baseline']:.2f}×)",
                          str(all(m["same_text_as_baseline"] for m in (stream, whole)))])
     base = {b: {m["mode"]: m for m in d["figures"]["modes"]}["generate() sequential"]["tokens_per_s"]
             for b, d in (("pytorch", pytorch), ("onnx", onnx))}
