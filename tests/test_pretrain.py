@@ -424,7 +424,6 @@ def test_training_reduces_validation_loss(tmp_path, tokenized):
 
 def test_checkpoint_restores_weights_and_optimizer_and_only_complete_ones_are_seen(tmp_path):
     from recipes import dist_checkpoint
-    from recipes.pretrain_data import batch
     from recipes.pretrain_loop import train_step
 
     cfg = PretrainConfig(model="micro")

@@ -11,13 +11,13 @@ test trains DCGAN, pix2pix and CycleGAN briefly and beats their trivial baseline
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
 from multimodal.zoo.registry import RECIPES
+from test_slurm import read_manifest
 
 torch.set_num_threads(1)
 
@@ -42,14 +42,10 @@ def smoke_run(tmp_path_factory):
     return run_dir
 
 
-def manifest(run_dir, stage: str) -> dict:
-    return json.loads((run_dir / stage / "manifest.json").read_text())
-
-
 @pytest.mark.parametrize("name", MINE)
 def test_recipe_trains_under_smoke_and_samples_deterministically(smoke_run, name):
     recipe = RECIPES[name]
-    m = manifest(smoke_run, recipe.stage)
+    m = read_manifest(smoke_run, recipe.stage)
     assert m["status"] == "completed" and not (smoke_run / recipe.stage / "checkpoints").exists()
     assert {"params", *recipe.key_metrics} <= set(m["metrics"])
     assert all(math.isfinite(v) for v in m["metrics"].values() if isinstance(v, float))
@@ -66,7 +62,7 @@ def test_smoke_metrics_pictures_and_cli(smoke_run, tmp_path):
 
     from multimodal.cli import zoo_main
 
-    m = {n: manifest(smoke_run, RECIPES[n].stage)["metrics"] for n in MINE}
+    m = {n: read_manifest(smoke_run, RECIPES[n].stage)["metrics"] for n in MINE}
     for n in ("dcgan", "wgan_gp", "cgan", "stylegan"):
         assert m[n]["fid_like"] > m[n]["fid_floor"] > 0 and m[n]["baseline_fid_like"] > 0
     assert 0 <= m["cgan"]["class_accuracy"] <= 1

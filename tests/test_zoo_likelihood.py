@@ -7,7 +7,6 @@ the PixelCNN's causality are checked on known cases.
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -39,14 +38,10 @@ def smoke_run(tmp_path_factory):
     return run_dir
 
 
-def manifest(run_dir, stage: str) -> dict:
-    return json.loads((run_dir / stage / "manifest.json").read_text())
-
-
 @pytest.mark.parametrize("name", MINE)
 def test_recipe_trains_under_smoke_and_samples_deterministically(smoke_run, name):
     recipe = RECIPES[name]
-    m = manifest(smoke_run, recipe.stage)
+    m = read_manifest(smoke_run, recipe.stage)
     assert m["status"] == "completed" and not (smoke_run / f"{recipe.stage}.tmp").exists()
     assert {"params", "train_s", *(k for k in recipe.key_metrics if k != "fid_like")} <= set(m["metrics"])
     assert {"config", "samples"} <= set(m["outputs"]) and not (smoke_run / recipe.stage / "checkpoints").exists()
@@ -76,7 +71,7 @@ def test_zoo_cli_lists_trains_cached_and_samples(smoke_run, tmp_path, capsys):
 
 
 def test_ae_metrics_and_pictures(smoke_run):
-    m = manifest(smoke_run, "zoo_ae")["metrics"]
+    m = read_manifest(smoke_run, "zoo_ae")["metrics"]
     assert 5 < m["test_psnr_db"] < 60 and m["fid_like"] > m["fid_floor"] > 0  # smoke: judged too
     assert (smoke_run / "zoo_ae" / "interpolation.png").is_file()
 
@@ -230,7 +225,7 @@ def test_recipes_beat_trivial_baselines_on_their_metric(tmp_path):
         assert execute_stage(str(tmp_path), name, configs)["status"] == "completed", name
     data = read_data(tmp_path / "t2i_data")
     mean_psnr = psnr_db(data.train.mean(0, keepdim=True).expand_as(data.test), data.test)
-    m = {n: manifest(tmp_path, RECIPES[n].stage)["metrics"] for n in MINE}
+    m = {n: read_manifest(tmp_path, RECIPES[n].stage)["metrics"] for n in MINE}
     assert m["ae"]["test_psnr_db"] > mean_psnr + 3, (m["ae"], mean_psnr)
     assert m["vqvae_pixelcnn"]["test_psnr_db"] > mean_psnr + 3, (m["vqvae_pixelcnn"], mean_psnr)
     assert m["vae"]["test_bits_per_dim"] < m["vae"]["baseline_bits_per_dim"], m["vae"]

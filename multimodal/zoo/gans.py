@@ -55,6 +55,13 @@ NAVY = (16, 32, 96)  # ... and background
 # ---------------------------------------------------------------- shared pieces
 
 
+def optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One step of `optimizer` on `loss` (gradients cleared first)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def batch_indices(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     """Return `size` indices drawn uniformly (with replacement) from range(n)."""
     return torch.randint(0, n, (min(size, n),), generator=gen)
@@ -234,13 +241,9 @@ def run_dcgan(ctx: StageContext) -> StageResult:
         z = torch.randn(len(real), cfg.z_dim, generator=gen).to(cfg.device)
         fake = G(z)
         loss_d = F.softplus(-D(real)).mean() + F.softplus(D(fake.detach())).mean()  # BCE: real -> 1, fake -> 0
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        optimise(opt_d, loss_d)
         loss_g = F.softplus(-D(fake)).mean()  # non-saturating: -log D(G(z))
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        optimise(opt_g, loss_g)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
 
     log = train_loop(ctx, "gan", {"generator": G, "discriminator": D}, {"g": opt_g, "d": opt_d}, cfg.steps, step,
@@ -302,14 +305,10 @@ def run_wgan_gp(ctx: StageContext) -> StageResult:
             wasserstein = D(real).mean() - D(fake).mean()
             gp = gradient_penalty(D, real, fake, eps)
             loss_d = -wasserstein + cfg.gp_weight * gp
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
+            optimise(opt_d, loss_d)
         z = torch.randn(cfg.batch_size, cfg.z_dim, generator=gen).to(cfg.device)
         loss_g = -D(G(z)).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        optimise(opt_g, loss_g)
         return {"wasserstein": wasserstein.item(), "gp": gp.item(), "loss_g": loss_g.item()}
 
     log = train_loop(ctx, "gan", {"generator": G, "critic": D}, {"g": opt_g, "d": opt_d}, cfg.steps, step,
@@ -346,13 +345,9 @@ def run_cgan(ctx: StageContext) -> StageResult:
         z = torch.randn(len(real), cfg.z_dim, generator=gen).to(cfg.device)
         fake = G(z, y)  # generated for the same classes as the real batch
         loss_d = F.relu(1 - D(real, y)).mean() + F.relu(1 + D(fake.detach(), y)).mean()
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        optimise(opt_d, loss_d)
         loss_g = -D(fake, y).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        optimise(opt_g, loss_g)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
 
     log = train_loop(ctx, "gan", {"generator": G, "discriminator": D}, {"g": opt_g, "d": opt_d}, cfg.steps, step,
@@ -570,14 +565,10 @@ def run_stylegan(ctx: StageContext) -> StageResult:
         if i % cfg.r1_every == 0:
             r1 = r1_penalty(D, real)
             loss_d = loss_d + cfg.r1_gamma / 2 * r1 * cfg.r1_every
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        optimise(opt_d, loss_d)
         ws = styles(cfg.batch_size)
         loss_g = F.softplus(-D(torch.tanh(G.synthesis(ws)))).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        optimise(opt_g, loss_g)
         with torch.no_grad():
             G.mapping.w_avg.lerp_(ws[:, 0].mean(0), 0.005)
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
@@ -791,15 +782,11 @@ def run_pix2pix(ctx: StageContext) -> StageResult:
         fake = G(x)
         d_real, d_fake = D(torch.cat([x, y], 1)), D(torch.cat([x, fake.detach()], 1))
         loss_d = 0.5 * (F.softplus(-d_real).mean() + F.softplus(d_fake).mean())
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        optimise(opt_d, loss_d)
         adv = F.softplus(-D(torch.cat([x, fake], 1))).mean()
         l1 = (fake - y).abs().mean()
         loss_g = adv + cfg.l1_weight * l1
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        optimise(opt_g, loss_g)
         return {"loss_d": loss_d.item(), "adv": adv.item(), "l1": l1.item()}
 
     log = train_loop(ctx, "pix2pix", {"generator": G, "discriminator": D}, {"g": opt_g, "d": opt_d}, cfg.steps,
@@ -891,14 +878,10 @@ def run_cyclegan(ctx: StageContext) -> StageResult:
         cycle = (G_ba(fake_b) - a).abs().mean() + (G_ab(fake_a) - b).abs().mean()
         identity = (G_ab(b) - b).abs().mean() + (G_ba(a) - a).abs().mean()
         loss_g = adv + cfg.cycle_weight * cycle + cfg.identity_weight * identity
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        optimise(opt_g, loss_g)
         loss_d = 0.5 * ((D_b(b) - 1).pow(2).mean() + D_b(fake_b.detach()).pow(2).mean()
                         + (D_a(a) - 1).pow(2).mean() + D_a(fake_a.detach()).pow(2).mean())
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        optimise(opt_d, loss_d)
         return {"adv": adv.item(), "cycle": cycle.item(), "identity": identity.item(), "loss_d": loss_d.item()}
 
     log = train_loop(ctx, "cyclegan", modules, {"g": opt_g, "d": opt_d}, cfg.steps, step, gen, cfg.checkpoint_every)
