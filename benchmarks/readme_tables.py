@@ -265,6 +265,28 @@ def multimodal_quality(doc: dict) -> str:
     ])
 
 
+def zoo(doc: dict) -> str:
+    rows = doc["figures"]["recipes"]
+
+    def fmt(value, digits=2):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    def key_figures(r):
+        shown = {k: v for k, v in r["key_metrics"].items()
+                 if k not in ("test_bits_per_dim", "fid_like", "fid_floor", "train_s") and isinstance(v, (int, float))}
+        return ", ".join(f"{k} {v:.3g}" for k, v in shown.items())
+
+    floor = next((r["fid_floor"] for r in rows if r["fid_floor"] is not None), None)
+    return "\n".join([
+        provenance(doc), "",
+        table(["recipe", "family", "test bits/dim", "FID-like", "accuracy (class or domain)", "other figures", "train s", "stage s"],
+              [[f"`{r['recipe']}`", r["family"], fmt(r["test_bits_per_dim"]), fmt(r["fid_like"], 1),
+                fmt(r["accuracy"], 3), key_figures(r), fmt(r["train_s"], 0), fmt(r["wall_s"], 0)] for r in rows]),
+        "",
+        f"FID-like floor (two real sets of the same size): {fmt(floor, 1)}.",
+    ])
+
+
 RENDERERS = {  # block name -> (results files, renderer)
     "chain": (["chain"], chain),
     "openai_load": (["openai_load"], openai_load),
@@ -276,6 +298,7 @@ RENDERERS = {  # block name -> (results files, renderer)
     "pretrain_throughput": (["pretrain_throughput"], pretrain_throughput),
     "curate_throughput": (["curate_throughput"], curate_throughput),
     "multimodal_quality": (["multimodal_quality"], multimodal_quality),
+    "zoo": (["zoo"], zoo),
 }
 
 
