@@ -237,19 +237,27 @@ def test_recipes_beat_trivial_baselines_on_their_metric(tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_zoo_recipe_on_slurm_matches_the_local_run(slurm_cluster, smoke_run, tmp_path):
-    # t2i_data -> zoo_vae as two Slurm jobs (afterok) on the loopback cluster: the same fingerprints, outputs
-    # (weights, samples, pictures: sha256) and metrics as the runner's run of the same smoke configs here
+def test_zoo_recipes_of_every_family_on_slurm_match_the_local_run(slurm_cluster, smoke_run, tmp_path):
+    # t2i_data -> one recipe of each family (vae, pixelcnn, dcgan, glow) as Slurm jobs (afterok) on the loopback
+    # cluster: the same fingerprints, outputs (weights, samples, pictures: sha256) and metrics as the runner's run
+    # of the same smoke configs in this process (this file's smoke run; the GAN and the flow run here)
     from pipeline import jobs
     from pipeline.clusters import parse_profile
     from pipeline.execution import run_stages
     from pipeline.presets import resolve_configs
+    from pipeline.runner import configs_to_json, execute_stage
 
+    others = ["zoo_dcgan", "zoo_glow"]
+    local = tmp_path / "local"
+    for name in ["t2i_data", *others]:
+        assert execute_stage(str(local), name, configs_to_json(resolve_configs("smoke")))["status"] == "completed"
     profile = parse_profile("loopback", {"account": "aigc", "partition": "debug", "time": "00:20:00"})
-    names = ["t2i_data", "zoo_vae"]
-    states = run_stages(tmp_path, resolve_configs("smoke"), names, executor="slurm", profile=profile)
-    records = jobs.read_records(tmp_path)
+    names = ["t2i_data", "zoo_vae", "zoo_pixelcnn", *others]
+    slurm = tmp_path / "slurm"
+    states = run_stages(slurm, resolve_configs("smoke"), names, executor="slurm", profile=profile)
+    records = jobs.read_records(slurm)
     assert set(states.values()) == {"completed"}, {n: jobs.stage_logs(records[n])[-2000:] for n in records}
     for name in names:
-        assert untimed(read_manifest(tmp_path, name)) == untimed(read_manifest(smoke_run, name)), name
+        reference = local if name in others else smoke_run
+        assert untimed(read_manifest(slurm, name)) == untimed(read_manifest(reference, name)), name
         assert records[name].executor == "slurm"
