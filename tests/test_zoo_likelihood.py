@@ -261,3 +261,25 @@ def test_zoo_recipes_of_every_family_on_slurm_match_the_local_run(slurm_cluster,
         reference = local if name in others else smoke_run
         assert untimed(read_manifest(slurm, name)) == untimed(read_manifest(reference, name)), name
         assert records[name].executor == "slurm"
+
+
+def test_fid_like_is_torchmetrics_fid_on_the_judge_features():
+    # the zoo's (and t2i's) FID-like distance is torchmetrics' FrechetInceptionDistance with the judge's hidden
+    # features in place of Inception's (torch-fidelity's Inception weights are a download: not offline here)
+    import numpy as np
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from multimodal.t2i_judge import frechet_distance
+
+    class GivenFeatures(torch.nn.Module):
+        num_features = 16
+
+        def forward(self, x):
+            return x
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(300, 16)), rng.normal(0.3, 1.2, size=(280, 16))
+    fid = FrechetInceptionDistance(feature=GivenFeatures(), normalize=True)
+    fid.update(torch.tensor(real, dtype=torch.float64), real=True)
+    fid.update(torch.tensor(fake, dtype=torch.float64), real=False)
+    assert float(fid.compute()) == pytest.approx(frechet_distance(fake, real), rel=1e-9)
