@@ -123,7 +123,7 @@ STAGES = {
                         code=NERF_TRAIN_CODE, key_metrics=("test_psnr", "test_ssim", "train_s")),
 }
 
-ZOO_CODE = T2I_DATA_CODE + _files("t2i_judge", "figures", "zoo/common") + CHECKPOINT_CODE  # every zoo stage's
+ZOO_CODE = T2I_DATA_CODE + _files("t2i_judge", "figures", "image_metrics", "zoo/common") + CHECKPOINT_CODE  # every zoo stage's
 
 
 def zoo_stages() -> dict[str, Stage]:

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from multimodal.figures import print_figures
+from multimodal.image_metrics import psnr
 from multimodal.pictures import save_grid
 from multimodal.t2i_data import class_prompts, read_caption_set
 from pipeline.stage import StageContext, StageResult
@@ -110,8 +111,7 @@ def bits_per_dim_continuous(nll_nats_on_unit_cube: float, dims: int) -> float:
 
 def psnr_db(recon: torch.Tensor, target: torch.Tensor) -> float:
     """Return the PSNR (dB) of reconstructions in [-1, 1] (clamped) against targets, on the [0, 1] scale."""
-    mse = float(((recon.clamp(-1, 1) - target) / 2).pow(2).mean())
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
+    return psnr((recon.clamp(-1, 1) + 1) / 2, (target + 1) / 2)
 
 
 # ---------------------------------------------------------------- the judge
