@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "dpm")
 
 
 def make_train_scheduler(timesteps: int, beta_schedule: str) -> DDPMScheduler:
@@ -28,7 +28,11 @@ def make_train_scheduler(timesteps: int, beta_schedule: str) -> DDPMScheduler:
 
 
 def make_sampler(train_scheduler: DDPMScheduler, sampler: str) -> DDPMScheduler | DDIMScheduler:
-    """Return a fresh scheduler of kind `sampler` ('ddim' or 'ddpm') sharing the training schedule."""
+    """Return a fresh scheduler of kind `sampler` ('ddim', 'ddpm' or 'dpm': DPM-Solver++ 2M) sharing the
+    training schedule. DDIM spaces its steps 'leading' (1 step: t = 0), DPM-Solver 'linspace' (from t = 999)."""
+    if sampler == "dpm":
+        return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++",
+                                                       solver_order=2)
     if sampler == "ddim":
         return DDIMScheduler.from_config(train_scheduler.config, clip_sample=False, set_alpha_to_one=True)
     if sampler == "ddpm":

@@ -44,13 +44,19 @@ class T2IVAEConfig:
 
 @dataclasses.dataclass
 class T2ITrainConfig:
-    """Settings of the `t2i_train` stage (text encoder + UNet2DConditionModel, DDPM on latents)."""
+    """Settings of the `t2i_train` stage (text encoder + UNet2DConditionModel or DiT, DDPM/SDE/flow on latents)."""
 
+    objective: str = "ddpm"  # ddpm | vp_sde | ve_sde | flow (multimodal/objectives.py)
+    backbone: str = "unet"  # unet (diffusers UNet2DConditionModel) | dit (multimodal/dit.py, adaLN-Zero)
     unet_channels: tuple[int, ...] = (32, 64)  # one resolution level each; cross-attention on all but the last
     text_dim: int = 32  # text encoder width = UNet cross-attention dim
     text_layers: int = 2
     text_heads: int = 2
     pooled_text: bool = True  # also add the pooled text to the timestep embedding (SDXL-style), besides cross-attention
+    dit_width: int = 128  # DiT token width
+    dit_depth: int = 4  # DiT blocks
+    dit_heads: int = 4
+    dit_patch: int = 2  # latent pixels per DiT patch side
     epochs: int = 16  # ≈ 1,100 steps at batch 32 on the tiny set (accuracy climbs steeply from ~700 to ~1,000 steps)
     batch_size: int = 32
     lr: float = 2e-3
@@ -58,8 +64,10 @@ class T2ITrainConfig:
     prompt_dropout: float = 0.1  # share of captions replaced by the empty prompt (trains the unconditional model)
     train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    sampler: str = "ddim"  # ddim | ddpm, for the grids and the judge
+    sampler: str = "default"  # the objective's default (ddim; ode for vp/ve_sde; heun for flow) or one of its samplers:
+    # ddpm: ddim | ddpm | dpm; vp_sde, ve_sde: em | pc | ode; flow: euler | heun — for the grids and the judge
     sample_steps: int = 25
+    steps_curve: tuple[int, ...] = (1, 2, 4, 8)  # also judged at grid_guidance: quality_vs_nfe.png (+ sample_steps)
     grid_guidance: float = 3.0  # classifier-free guidance scale of the per-epoch grids
     guidance_scales: tuple[float, ...] = (1.0, 3.0)  # judged; 1.0 = no guidance (conditional model alone)
     eval_per_prompt: int = 20  # generated images per class prompt for the judge
@@ -105,7 +113,8 @@ def _files(*names: str) -> tuple[str, ...]:
 T2I_DATA_CODE = _files("t2i_data", "pictures")
 T2I_VAE_CODE = T2I_DATA_CODE + _files("vae")
 CHECKPOINT_CODE = ("recipes/loop_checkpoint.py", "recipes/data_parallel.py")
-T2I_TRAIN_CODE = T2I_VAE_CODE + _files("t2i_train", "t2i_model", "t2i_judge", "diffusion", "text_encoder") + CHECKPOINT_CODE
+T2I_TRAIN_CODE = T2I_VAE_CODE + _files("t2i_train", "t2i_model", "t2i_judge", "diffusion", "objectives", "dit",
+                                       "text_encoder") + CHECKPOINT_CODE
 NERF_DATA_CODE = _files("nerf_scene", "pictures")
 NERF_TRAIN_CODE = NERF_DATA_CODE + _files("nerf_train", "nerf_model", "image_metrics") + CHECKPOINT_CODE
 
@@ -156,6 +165,9 @@ PRESETS: dict[str, list[str]] = {
         "t2i_train.batch_size=128",
         "t2i_train.eval_per_prompt=2",
         "t2i_train.sample_steps=3",
+        "t2i_train.steps_curve=1,2",
+        "t2i_train.dit_width=32",
+        "t2i_train.dit_depth=2",
         "nerf_data.image_size=16",
         "nerf_data.views=12",
         "nerf_data.test_views=3",
