@@ -105,6 +105,33 @@ class NerfTrainConfig:
     device: str = "cpu"
 
 
+@dataclasses.dataclass
+class GsplatConfig:
+    """Settings of the `nerf_gsplat` stage (3D Gaussian splatting on nerf_data's views, multimodal/gsplat_train.py)."""
+
+    steps: int = 1500
+    init_points: int = 2000  # uniform in a box round the cameras' common focus (no scene geometry used)
+    sh_degree: int = 1  # spherical-harmonic colour degree (0-3)
+    max_gaussians: int = 6000  # densification stops growing at this count
+    lr_means: float = 1.6e-4  # × scene extent, decaying exponentially to 1 %
+    lr_scales: float = 5e-3
+    lr_quats: float = 1e-3
+    lr_opacity: float = 5e-2
+    lr_sh: float = 2.5e-3  # degree 0; higher degrees at 1/20 of it
+    densify_from: int = 200
+    densify_until: int = 1200
+    densify_every: int = 100
+    grad_threshold: float = 2e-4  # mean view-space (NDC) gradient norm that marks a Gaussian to clone/split
+    percent_dense: float = 0.01  # × extent: at most this large → clone, else split
+    min_opacity: float = 0.005  # pruned below
+    max_screen_px: float = 32.0  # pruned above this screen radius (after the first opacity reset)
+    reset_every: int = 600  # opacity reset period (0 = never)
+    tile: int = 16  # rasterizer tile side (pixels)
+    eval_every: int = 300  # held-out PSNR/SSIM and a checkpoint; a multiple of densify_every
+    turntable_frames: int = 24
+    device: str = "cpu"  # the rasterizer is plain PyTorch; only "cpu" is tested
+
+
 def _files(*names: str) -> tuple[str, ...]:
     """Return repo-relative paths of multimodal modules (the code in a stage's fingerprint)."""
     return tuple(f"multimodal/{n}.py" for n in names)
@@ -117,6 +144,7 @@ T2I_TRAIN_CODE = T2I_VAE_CODE + _files("t2i_train", "t2i_model", "t2i_judge", "d
                                        "text_encoder") + CHECKPOINT_CODE
 NERF_DATA_CODE = _files("nerf_scene", "pictures")
 NERF_TRAIN_CODE = NERF_DATA_CODE + _files("nerf_train", "nerf_model", "image_metrics") + CHECKPOINT_CODE
+GSPLAT_CODE = NERF_TRAIN_CODE + _files("gsplat_train", "gsplat_render", "figures")
 
 STAGES = {
     "t2i_data": Stage("t2i_data", T2IDataConfig, "multimodal.t2i_data:run", code=T2I_DATA_CODE,
@@ -130,6 +158,8 @@ STAGES = {
                        key_metrics=("train_views", "test_views")),
     "nerf_train": Stage("nerf_train", NerfTrainConfig, "multimodal.nerf_train:run", inputs=("nerf_data",),
                         code=NERF_TRAIN_CODE, key_metrics=("test_psnr", "test_ssim", "train_s")),
+    "nerf_gsplat": Stage("nerf_gsplat", GsplatConfig, "multimodal.gsplat_train:run", inputs=("nerf_data",),
+                         code=GSPLAT_CODE, key_metrics=("test_psnr", "test_ssim", "render_frames_per_s", "train_s")),
 }
 
 ZOO_CODE = T2I_DATA_CODE + _files("t2i_judge", "figures", "image_metrics", "zoo/common") + CHECKPOINT_CODE  # every zoo stage's
@@ -144,7 +174,7 @@ def zoo_stages() -> dict[str, Stage]:
 
 STAGES.update(zoo_stages())
 
-CHAINS = {"t2i": T2I_ORDER, "nerf": NERF_ORDER, **{r.stage: ("t2i_data", r.stage) for r in RECIPES.values()}}
+CHAINS = {"t2i": T2I_ORDER, "nerf": NERF_ORDER, "nerf_gsplat": ("nerf_data", "nerf_gsplat"), **{r.stage: ("t2i_data", r.stage) for r in RECIPES.values()}}
 
 COMMANDS = {
     "t2i": ("multimodal.cli:t2i_main", "text-to-image latent diffusion: train | sample \"a handwritten three\""),
@@ -179,6 +209,15 @@ PRESETS: dict[str, list[str]] = {
         "nerf_train.fine_samples=16",
         "nerf_train.width=32",
         "nerf_train.turntable_frames=3",
+        "nerf_gsplat.steps=60",
+        "nerf_gsplat.init_points=300",
+        "nerf_gsplat.densify_from=20",
+        "nerf_gsplat.densify_until=50",
+        "nerf_gsplat.densify_every=10",
+        "nerf_gsplat.reset_every=0",
+        "nerf_gsplat.eval_every=30",
+        "nerf_gsplat.tile=8",
+        "nerf_gsplat.turntable_frames=3",
         *(line for r in RECIPES.values() for line in r.smoke),
     ],
 }
