@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from multimodal.video_config import VideoDataConfig, VideoTrainConfig
 from multimodal.zoo.registry import RECIPES
 from pipeline.stage import Stage
 
@@ -174,11 +175,25 @@ def zoo_stages() -> dict[str, Stage]:
 
 STAGES.update(zoo_stages())
 
-CHAINS = {"t2i": T2I_ORDER, "nerf": NERF_ORDER, "nerf_gsplat": ("nerf_data", "nerf_gsplat"), **{r.stage: ("t2i_data", r.stage) for r in RECIPES.values()}}
+VIDEO_ORDER: tuple[str, ...] = ("video_data", "video_train")
+VIDEO_DATA_CODE = _files("video_config", "video_data", "t2i_data", "pictures", "figures")
+VIDEO_TRAIN_CODE = VIDEO_DATA_CODE + _files("video_train", "video_model", "video_metrics", "diffusion", "text_encoder",
+                                            "t2i_judge", "zoo/common", "image_metrics") + CHECKPOINT_CODE
+STAGES.update({
+    "video_data": Stage("video_data", VideoDataConfig, "multimodal.video_data:run", code=VIDEO_DATA_CODE,
+                        key_metrics=("clips", "prompts")),
+    "video_train": Stage("video_train", VideoTrainConfig, "multimodal.video_train:run", inputs=("video_data",),
+                         code=VIDEO_TRAIN_CODE,
+                         key_metrics=("class_accuracy", "motion_accuracy", "warp_error", "fid_like", "train_s")),
+})
+
+CHAINS = {"t2i": T2I_ORDER, "nerf": NERF_ORDER, "video": VIDEO_ORDER, "nerf_gsplat": ("nerf_data", "nerf_gsplat"), **{r.stage: ("t2i_data", r.stage) for r in RECIPES.values()}}
 
 COMMANDS = {
     "t2i": ("multimodal.cli:t2i_main", "text-to-image latent diffusion: train | sample \"a handwritten three\""),
     "nerf": ("multimodal.cli:nerf_main", "NeRF on a ray-traced scene: train | render --pose az,el"),
+    "video": ("multimodal.cli:video_main", "text-to-video diffusion: data | train | sample \"a red circle moving "
+              "right\""),
     "zoo": ("multimodal.cli:zoo_main", "generative-model zoo (AE, VAE, VQ-VAE, PixelCNN, GANs, flows): "
             "list | RECIPE train | RECIPE sample"),
 }
@@ -218,6 +233,15 @@ PRESETS: dict[str, list[str]] = {
         "nerf_gsplat.eval_every=30",
         "nerf_gsplat.tile=8",
         "nerf_gsplat.turntable_frames=3",
+        "video_data.clips_per_kind=2",
+        "video_train.channels=8,16",
+        "video_train.text_dim=16",
+        "video_train.heads=2",
+        "video_train.steps=4",
+        "video_train.checkpoint_every=2",
+        "video_train.batch_size=4",
+        "video_train.sample_steps=2",
+        "video_train.eval_per_prompt=1",
         *(line for r in RECIPES.values() for line in r.smoke),
     ],
 }
