@@ -1,21 +1,25 @@
-"""Curate throughput: the standard chain on Curator + local Ray vs. the same chain in datatrove.
+"""Curate throughput: aigc's curate stage vs. datatrove doing identical work, configured from one table.
 
-The standard chain: ftfy + markup + whitespace cleaning, the Gopher
-repetition, Gopher quality, C4 and FineWeb rules with every rule on at its
-paper's default, exact dedup, fuzzy dedup (MinHash on word 5-grams, 14 bands
-x 8 rows). Run three ways on one generated corpus (`curation.synthetic`:
+The standard chain: ftfy, the Gopher repetition, Gopher quality, C4 and FineWeb
+rules, exact dedup (aigc) and fuzzy dedup (MinHash on word 5-grams, 14 bands x
+8 rows). Every threshold and MinHash parameter of both sides comes from the
+table in `curation_work.py` (printed, and saved with the figures); words are
+whitespace tokens on both sides. Run on one generated corpus (`curation.synthetic`:
 80-600-word documents, 10% planted near-duplicates, 5% junk), in one run:
 
-1. aigc: the real `curate` stage (execute_stage) on a fresh local Ray.
-2. plain: the same stages one after another in this process (no Ray).
-3. datatrove 0.10.1: its own filters and 4-stage MinHash with the same
-   parameters, in its own venv (it needs numpy>=2; see benchmarks/datatrove_chain.py),
-   with the same number of worker processes. Skipped when that venv is absent.
+1. aigc: the real `curate` stage (execute_stage) with its default executor on
+   one machine: `workers` forked processes (curation.process_executor).
+2. aigc on Ray: the same stage with `curate.executor=ray` (a fresh local Ray).
+3. plain: the same Curator stages one after another in this process.
+4. datatrove 0.10.1: its own filters and 4-stage MinHash, in its own venv (it
+   needs numpy>=2; see benchmarks/datatrove_chain.py), with as many worker
+   processes. Skipped when that venv is absent.
 
 Reports documents/s, ratios, fuzzy-dedup recall/precision on the planted
-near-duplicates (of those that passed the filters), documents kept, and peak
-memory (summed RSS of the process and its children, sampled every 0.2 s).
-The machine is shared: compare figures within one run.
+near-duplicates (of those that passed the filters), documents kept, how far the
+kept sets agree with datatrove's (Jaccard of the id sets), and peak memory
+(summed RSS of the process and its children, sampled every 0.2 s). The machine
+is shared: compare figures within one run.
 
     python benchmarks/curate_throughput.py --docs 20000 --datatrove-python .venv-datatrove/bin/python
 """
@@ -38,19 +42,13 @@ from curation.corpus import read_corpus
 from curation.curate import global_dedup, merge_tasks
 from curation.curator_stages import build_pipeline, run_locally
 from curation.readers import expand_inputs
-from curation.stages import CurateConfig
 from curation.synthetic import SyntheticCorpus, dedup_scores, generate
 from pipeline.presets import resolve_configs
 from pipeline.runner import configs_to_json, execute_stage
+from curation_work import aigc_overrides, rows_for_display
 from record import PeakMemory, save
 
-CHAIN_OVERRIDES = [  # the standard chain: no language id, PII, decontamination or classifier; every rule on
-    "curate.languages=",
-    "curate.pii_kinds=",
-    "curate.skip_rules=",
-    "curate.max_docs=0",
-    "curate.docs_per_shard=1000000",
-]
+CHAIN_OVERRIDES = aigc_overrides()  # the standard chain, as the shared table configures it
 
 
 def write_corpus(corpus: SyntheticCorpus, out_dir: Path, shards: int) -> None:
@@ -68,9 +66,10 @@ def jsonl_ids(path: Path) -> list[str]:
     return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def run_aigc(input_dir: Path, run_dir: Path, cpus: int) -> dict:
+def run_aigc(input_dir: Path, run_dir: Path, cpus: int, executor: str) -> dict:
     """Run the curate stage through the runner; return seconds, peak memory, and ids after filters / at the end."""
-    configs = resolve_configs("tiny", CHAIN_OVERRIDES + [f"curate.inputs={input_dir}", f"curate.ray_cpus={cpus}"])
+    configs = resolve_configs("tiny", CHAIN_OVERRIDES + [f"curate.inputs={input_dir}", f"curate.ray_cpus={cpus}",
+                                                         f"curate.workers={cpus}", f"curate.executor={executor}"])
     start = time.perf_counter()
     with PeakMemory(psutil.Process().pid) as memory:
         manifest = execute_stage(str(run_dir), "curate", configs_to_json(configs))
@@ -92,11 +91,10 @@ def run_plain(input_dir: Path) -> dict:
     return {"seconds": time.perf_counter() - start, "after_filters": docs["id"].tolist(), "final": final}
 
 
-def run_datatrove(python: str, input_dir: Path, work_dir: Path, cfg: CurateConfig, workers: int) -> dict:
-    """Run benchmarks/datatrove_chain.py with `python`; return its summary plus peak memory."""
+def run_datatrove(python: str, input_dir: Path, work_dir: Path, workers: int) -> dict:
+    """Run benchmarks/datatrove_chain.py with `python` (settings from the shared table); return its summary plus peak memory."""
     cmd = [python, str(Path(__file__).with_name("datatrove_chain.py")), str(input_dir), str(work_dir),
-           "--ngram", str(cfg.minhash_ngram), "--bands", str(cfg.minhash_bands), "--rows", str(cfg.minhash_rows),
-           "--workers", str(workers)]
+           "--workers", str(workers), "--words", "whitespace"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     with PeakMemory(proc.pid) as memory:
@@ -108,24 +106,25 @@ def run_datatrove(python: str, input_dir: Path, work_dir: Path, cfg: CurateConfi
     return {**summary, "seconds": seconds, "inner_seconds": summary["seconds"], "peak_bytes": memory.peak}
 
 
-def ray_start_seconds(cpus: int) -> float:
-    """Return how long starting and stopping a local Ray takes here (part of every aigc run).
-
-    Measured in a child process: a second Ray session in one process confuses
-    Ray Data's metrics actor (KeyError spam) and slows the run after it.
-    """
-    code = (
-        "import time; from curation.curate import ray_cluster; t = time.perf_counter()\n"
-        f"with ray_cluster('', {cpus}): pass\n"
-        "print(time.perf_counter() - t)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def jaccard(a: list[str], b: list[str]) -> float:
+    """Return |A ∩ B| / |A ∪ B| of two id lists as sets."""
+    a_set, b_set = set(a), set(b)
+    return round(len(a_set & b_set) / max(len(a_set | b_set), 1), 4)
 
 
-def report(results: dict, corpus: SyntheticCorpus, n_docs: int, ray_s: float) -> dict:
+def print_work_table() -> None:
+    """Print the table configuring both sides."""
+    table = Table(title="identical work: one table configures both sides (benchmarks/curation_work.py)")
+    for col in ("setting", "value", "aigc", "datatrove"):
+        table.add_column(col)
+    for row in rows_for_display():
+        table.add_row(*row)
+    Console().print(table)
+
+
+def report(results: dict, corpus: SyntheticCorpus, n_docs: int) -> dict:
     """Print the comparison table; return the figures as a dict."""
-    figures = {"docs": n_docs, "ray_start_stop_s": round(ray_s, 1)}
+    figures: dict = {"docs": n_docs, "work": [list(r) for r in rows_for_display()]}
     table = Table(title=f"curate standard chain on {n_docs:,} generated documents")
     for col in ("run", "seconds", "docs/s", "after filters", "final", "dedup recall", "dedup precision", "peak memory"):
         table.add_column(col, justify="left" if col == "run" else "right")
@@ -142,15 +141,22 @@ def report(results: dict, corpus: SyntheticCorpus, n_docs: int, ray_s: float) ->
             "planted_reaching_dedup": scores["planted"],
             "peak_gib": round(r["peak_bytes"] / 2**30, 2) if "peak_bytes" in r else None,
         }
+        if "datatrove" in results and name != "datatrove":
+            row["agreement_after_filters"] = jaccard(r["after_filters"], results["datatrove"]["after_filters"])
+            row["agreement_final"] = jaccard(r["final"], results["datatrove"]["final"])
         figures[name] = row
         table.add_row(name, str(row["seconds"]), str(row["docs_per_s"]), str(row["after_filters"]), str(row["final"]),
                       str(row["dedup_recall"]), str(row["dedup_precision"]),
                       f"{row['peak_gib']} GiB" if row["peak_gib"] is not None else "-")
     Console().print(table)
-    for other in ("plain", "datatrove"):
+    for other in ("aigc_ray", "plain", "datatrove"):
         if other in figures:
             figures[f"speedup_vs_{other}"] = round(figures["aigc"]["docs_per_s"] / figures[other]["docs_per_s"], 2)
             print(f"aigc / {other}: {figures[f'speedup_vs_{other}']}x documents/s")
+    if "datatrove" in figures:
+        figures["ray_speedup_vs_datatrove"] = round(figures["aigc_ray"]["docs_per_s"] / figures["datatrove"]["docs_per_s"], 2)
+        print(f"aigc on Ray / datatrove: {figures['ray_speedup_vs_datatrove']}x documents/s; kept sets agree "
+              f"{figures['aigc']['agreement_final']} (Jaccard of final ids)")
     return figures
 
 
@@ -159,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=20000, help="documents to generate")
     parser.add_argument("--shards", type=int, default=8, help="JSONL files the corpus is written to")
-    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray = datatrove workers")
+    parser.add_argument("--cpus", type=int, default=2, help="aigc worker processes = CPUs of its local Ray = datatrove workers")
     parser.add_argument("--datatrove-python", default=".venv-datatrove/bin/python",
                         help="python of a venv with datatrove 0.10.1 (see benchmarks/datatrove_chain.py)")
     parser.add_argument("--no-plain", action="store_true", help="skip the single-process run")
@@ -167,23 +173,23 @@ def main() -> None:
     args = parser.parse_args()
 
     corpus = generate(args.docs, seed=0)
-    cfg = resolve_configs("tiny", CHAIN_OVERRIDES)["curate"]
+    print_work_table()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         input_dir = Path(tmp) / "input"
         write_corpus(corpus, input_dir, args.shards)
         print(f"corpus: {args.docs} documents, {sum(f.stat().st_size for f in input_dir.iterdir()) / 1e6:.1f} MB "
               f"in {args.shards} files", flush=True)
-        ray_s = ray_start_seconds(args.cpus)
-        results["aigc"] = run_aigc(input_dir, Path(tmp) / "run", args.cpus)
+        results["aigc"] = run_aigc(input_dir, Path(tmp) / "run", args.cpus, "processes")
+        results["aigc_ray"] = run_aigc(input_dir, Path(tmp) / "run_ray", args.cpus, "ray")
         if not args.no_plain:
             results["plain"] = run_plain(input_dir)
         if Path(args.datatrove_python).exists():
             work = Path(tmp) / "datatrove"
-            results["datatrove"] = run_datatrove(args.datatrove_python, input_dir, work, cfg, args.cpus)
+            results["datatrove"] = run_datatrove(args.datatrove_python, input_dir, work, args.cpus)
         else:
             print(f"datatrove skipped: no {args.datatrove_python} (see benchmarks/datatrove_chain.py)", file=sys.stderr)
-    figures = report(results, corpus, args.docs, ray_s)
+    figures = report(results, corpus, args.docs)
     save("curate_throughput", figures, args.json)
 
 

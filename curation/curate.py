@@ -1,7 +1,8 @@
 """The `curate` stage: input text -> cleaned, filtered, redacted, deduplicated corpus shards.
 
-Runs the NeMo Curator pipeline of `curation.curator_stages` with
-`RayDataExecutor` on a fresh local Ray (or the cluster at `ray_address`):
+Runs the NeMo Curator pipeline of `curation.curator_stages` on `workers` local
+processes (`curation.process_executor`; the default on one machine) or with
+`RayDataExecutor` on a fresh local Ray or the cluster at `ray_address`:
 read, clean, language id, Gopher/C4/FineWeb rules, decontamination, quality
 classifier, PII redaction and dedup signatures, all per batch on the
 workers. Then, on the driver, the global steps over the whole corpus: exact
@@ -140,6 +141,12 @@ def check_config(cfg: CurateConfig) -> None:
     unknown_rules = sorted(set(cfg.skip_rules) - set(heuristics.rule_names()))
     if unknown_rules:
         raise ValueError(f"unknown curate.skip_rules {unknown_rules}; rules: {', '.join(heuristics.rule_names())}")
+    if cfg.executor not in EXECUTORS:
+        raise ValueError(f"curate.executor must be one of {', '.join(EXECUTORS)}, got {cfg.executor!r}")
+    if cfg.executor == "processes" and cfg.ray_address:
+        raise ValueError("curate.executor=processes runs on this machine only: unset curate.ray_address or use ray")
+    if cfg.workers < 1:
+        raise ValueError(f"curate.workers must be >= 1, got {cfg.workers}")
     if cfg.output_format not in FORMATS:
         raise ValueError(f"curate.output_format must be jsonl or parquet, got {cfg.output_format!r}")
     if bool(cfg.quality_good) != bool(cfg.quality_bad):
@@ -155,8 +162,20 @@ def train_quality_model(cfg: CurateConfig) -> quality_classifier.QualityModel:
     return quality_classifier.train(good, bad, ngram=cfg.quality_ngram)
 
 
+EXECUTORS = ("auto", "ray", "processes")
+
+
+def uses_ray(cfg: CurateConfig) -> bool:
+    """Return True when the pipeline runs on Ray: executor `ray`, or `auto` with a cluster address."""
+    return cfg.executor == "ray" or (cfg.executor == "auto" and bool(cfg.ray_address))
+
+
 def run_curator(pipeline, cfg: CurateConfig) -> list:
-    """Return the DocumentBatch tasks of the Curator `pipeline` run on Ray."""
+    """Return the DocumentBatch tasks of the Curator `pipeline`, run on Ray or on local worker processes."""
+    if not uses_ray(cfg):
+        from curation.process_executor import ProcessPoolExecutor
+
+        return pipeline.run(executor=ProcessPoolExecutor(cfg.workers))
     from nemo_curator.backends.ray_data import RayDataExecutor
 
     with ray_cluster(cfg.ray_address, cfg.ray_cpus):

@@ -2,9 +2,15 @@
 
     FilePartitioningStage (Curator, one task per file)
     -> read (fan-out: batches of `docs_per_batch` documents; rejects in metadata)
-    -> clean (ftfy/NFC via Curator's UnicodeReformatter, markup, URLs, whitespace)
-    -> language (lingua)           -> gopher_repetition -> gopher_quality -> c4 -> fineweb
-    -> decontamination             -> quality_classifier -> pii -> signatures (dedup key + MinHash)
+    -> document steps, one Curator stage running these in turn on a batch (`DocumentStepsStage`):
+       clean (ftfy/NFC via Curator's UnicodeReformatter, markup, URLs, whitespace)
+       -> language (lingua)           -> gopher_repetition -> gopher_quality -> c4 -> fineweb
+       -> decontamination             -> quality_classifier -> pii -> signatures (dedup key + MinHash)
+
+The document steps are one stage, not ten, because a batch handed between
+stages is serialised by the executor (Ray's object store): measured on 10,000
+documents on 2 CPUs, ten Ray Data stages took 25 s where the same work in one
+process took 11 s.
 
 Every stage records its own step in the batch's `_metadata["steps"]`:
 {"docs_in", "docs_out", "reasons": {why: documents}, "counts": {what: number}}.
@@ -306,24 +312,55 @@ class SignatureStage(DocumentStage):
         )
 
 
+@dataclasses.dataclass
+class DocumentStepsStage(DocumentStage):
+    """Runs its document stages one after another on each batch, in one worker call; returns the last one's batch.
+
+    Each step still records its own statistics in the batch's metadata.
+    """
+
+    steps: list[ProcessingStage] = dataclasses.field(default_factory=list)
+    name: str = "document_steps"
+
+    def outputs(self) -> tuple[list[str], list[str]]:
+        return self.steps[-1].outputs() if self.steps else super().outputs()
+
+    def process(self, batch: DocumentBatch) -> DocumentBatch:
+        """Return the batch after every step."""
+        for step in self.steps:
+            batch = step.process(batch)
+        return batch
+
+
 def build_pipeline(
     files: list[Path],
     cfg: CurateConfig,
     eval_hashes: np.ndarray | None = None,
     quality_model: QualityModel | None = None,
 ) -> Pipeline:
-    """Return the Curator pipeline of `cfg` over `files`, from reading to dedup signatures.
+    """Return the Curator pipeline of `cfg` over `files`: partition, read, then the document steps as one stage.
 
     Documents travel in a `text` column whatever `text_field` names in the input.
     Language id runs when `cfg.languages` is set, decontamination when
     `eval_hashes` is given, the classifier when `quality_model` is.
     """
     paths = [str(f) for f in files]
-    stages: list[ProcessingStage] = [
-        FilePartitioningStage(file_paths=paths, files_per_partition=1, file_extensions=list(SUFFIXES)),
-        DocumentReaderStage(paths, cfg.text_field, cfg.id_field, cfg.max_doc_bytes, cfg.docs_per_batch),
-        CleanStage(cfg.fix_unicode, cfg.strip_markup, cfg.remove_urls),
-    ]
+    return Pipeline(
+        name="aigc-curate",
+        description="read, clean, identify, filter, redact, sign",
+        stages=[
+            FilePartitioningStage(file_paths=paths, files_per_partition=1, file_extensions=list(SUFFIXES)),
+            DocumentReaderStage(paths, cfg.text_field, cfg.id_field, cfg.max_doc_bytes, cfg.docs_per_batch),
+            DocumentStepsStage(steps=document_steps(cfg, eval_hashes, quality_model)),
+        ],
+    )
+
+
+def document_steps(
+    cfg: CurateConfig, eval_hashes: np.ndarray | None = None, quality_model: QualityModel | None = None
+) -> list[ProcessingStage]:
+    """Return the per-batch document stages of `cfg`, in order, from cleaning to dedup signatures."""
+    stages: list[ProcessingStage] = [CleanStage(cfg.fix_unicode, cfg.strip_markup, cfg.remove_urls)]
     if cfg.languages:
         stages.append(LanguageStage(cfg.languages, cfg.min_language_score))
     stages += [HeuristicFilterStage(group=g, config=cfg) for g in cfg.rule_groups]
@@ -335,12 +372,16 @@ def build_pipeline(
         stages.append(PIIRedactionStage(cfg.pii_kinds, cfg.pii_replacement))
     num_perm = cfg.minhash_bands * cfg.minhash_rows if cfg.fuzzy_dedup else 0
     stages.append(SignatureStage(cfg.minhash_ngram, num_perm, cfg.minhash_seed))
-    return Pipeline(name="aigc-curate", description="read, clean, identify, filter, redact, sign", stages=stages)
+    return stages
 
 
 def step_names(pipeline: Pipeline) -> list[str]:
-    """Return the names of the pipeline's steps that record statistics, in order."""
-    return [s.name for s in pipeline.stages if not isinstance(s, (FilePartitioningStage, SignatureStage))]
+    """Return the names of the pipeline's steps that record statistics, in order (the reader's, then each document step's)."""
+    names = []
+    for stage in pipeline.stages:
+        inner = stage.steps if isinstance(stage, DocumentStepsStage) else [stage]
+        names += [s.name for s in inner if not isinstance(s, (FilePartitioningStage, SignatureStage))]
+    return names
 
 
 @dataclasses.dataclass

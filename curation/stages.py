@@ -12,7 +12,9 @@ class CurateConfig:
     """Settings of the `curate` stage. Empty `inputs` means the corpus shipped with aigc.
 
     `inputs`: .jsonl[.gz|.zst] / .parquet / .txt files or directories of them (see curation.readers).
-    `ray_address`: "" starts a fresh local Ray of `ray_cpus` CPUs; else the cluster to join.
+    `executor`: "auto" runs the Curator pipeline on `workers` local processes when `ray_address` is empty and
+    on the Ray cluster at `ray_address` otherwise; "ray" always uses Ray ("" = a fresh local Ray of `ray_cpus`
+    CPUs); "processes" always uses local processes (curation.process_executor: no Ray start, no object store).
     Quality rule thresholds default to their papers' values (see curation.heuristics);
     `skip_rules` turns rules off by name (e.g. `curate.skip_rules=curly_bracket,c4_no_terminal_punct`).
     """
@@ -26,6 +28,8 @@ class CurateConfig:
     docs_per_batch: int = 1000  # documents per Curator task after reading
     docs_per_shard: int = 50000
     output_format: str = "jsonl"  # jsonl | parquet
+    executor: str = "auto"  # auto | ray | processes
+    workers: int = 2  # worker processes of the processes executor
     ray_address: str = ""
     ray_cpus: int = 2
     # cleaning

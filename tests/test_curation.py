@@ -12,6 +12,7 @@ another checks that a local Ray refuses a driver without its token.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from nemo_curator.stages.base import ProcessingStage
 from nemo_curator.tasks import DocumentBatch
 
 from curation import heuristics, minhash, pii
@@ -815,7 +817,7 @@ def stage_files(stage_dir: Path) -> dict[str, bytes]:
     }
 
 
-SHIPPED_OVERRIDES = ["curate.max_docs=0"]
+SHIPPED_OVERRIDES = ["curate.max_docs=0", "curate.executor=ray"]
 
 
 @pytest.fixture(scope="module")
@@ -872,6 +874,45 @@ def test_curate_stage_on_ray_with_shipped_corpus(shipped_run):
     assert metrics["pii_redacted_email"] == 1 and metrics["fuzzy_dedup_clusters"] >= 1
     json.dumps(metrics)
     assert not ray_children()
+
+
+def test_local_processes_executor_writes_what_ray_writes(shipped_run, tmp_path):
+    """The default executor on one machine (forked worker processes, no Ray) gives the Ray run's files, byte for byte."""
+    configs = resolve_configs("smoke", ["curate.max_docs=0", "curate.executor=processes", "curate.workers=2"])
+    manifest = execute_stage(str(tmp_path), "curate", configs_to_json(configs))
+    assert manifest["status"] == "completed"
+    assert stage_files(tmp_path / "curate") == stage_files(shipped_run[0] / "curate")
+    assert manifest["metrics"] == shipped_run[1]["metrics"]
+    assert not ray_children()
+
+
+def test_process_executor_runs_any_curator_pipeline_in_order():
+    """Curator's contract: every stage's outputs in the order of its inputs, a fan-out stage's too, across workers."""
+    from nemo_curator.pipeline import Pipeline
+
+    from curation.process_executor import ProcessPoolExecutor
+
+    @dataclasses.dataclass
+    class Split(ProcessingStage[DocumentBatch, DocumentBatch]):
+        name: str = "split"
+
+        def inputs(self):
+            return ["data"], ["text"]
+
+        def outputs(self):
+            return ["data"], ["text"]
+
+        def process(self, batch):
+            df = batch.to_pandas()
+            return [DocumentBatch(dataset_name="t", data=df.iloc[[k]].assign(pid=os.getpid())) for k in range(len(df))]
+
+    batches = [DocumentBatch(dataset_name="t", data=pd.DataFrame({"text": [f"{b}-{k}" for k in range(3)]}))
+               for b in range(8)]
+    out = Pipeline(name="t", stages=[Split()]).run(executor=ProcessPoolExecutor(2), initial_tasks=batches)
+    assert [t.to_pandas()["text"].item() for t in out] == [f"{b}-{k}" for b in range(8) for k in range(3)]
+    assert len({t.to_pandas()["pid"].item() for t in out} - {os.getpid()}) >= 1  # ran in worker processes
+    with pytest.raises(ValueError, match="workers"):
+        ProcessPoolExecutor(0)
 
 
 @pytest.mark.slow
