@@ -92,7 +92,9 @@ def t2i_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0,
                    help="classifier-free guidance scale; 1 = conditional model alone, 0 = unconditional "
                    "(default: %(default)s)")
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="(default: %(default)s)")
+    p.add_argument("--sampler", default=None, choices=("ddim", "ddpm", "dpm", "em", "pc", "ode", "euler", "heun"),
+                   help="one of the trained objective's samplers: ddpm: ddim|ddpm|dpm; vp_sde, ve_sde: em|pc|ode; "
+                   "flow: euler|heun (default: the objective's, ddim for ddpm)")
     p.add_argument("--num", type=int, default=8, help="images to generate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
     p.add_argument("--out", default=None, help="PNG to write (default: <run-dir>/samples/<prompt>.png)")
@@ -122,12 +124,20 @@ def t2i_main(argv: list[str]) -> int:
     unknown = model.tokenizer.unknown_words(args.prompt)
     if unknown:
         print(f"aigc t2i sample: not in the training vocabulary (ignored): {', '.join(unknown)}", file=sys.stderr)
+    from multimodal.objectives import objective_of, resolve_sampler
+
+    objective = objective_of(model.scheduler)
+    try:
+        sampler = resolve_sampler(objective, args.sampler)
+    except ValueError as exc:
+        print(f"aigc t2i sample: {exc}", file=sys.stderr)
+        return 2
     images = model.generate([args.prompt] * args.num, [args.seed + i for i in range(args.num)], args.steps,
-                            args.guidance, args.sampler)
+                            args.guidance, sampler)
     slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"
     out = Path(args.out) if args.out else run_dir / "samples" / f"{slug}.png"
     save_grid(images, out, ncols=min(args.num, 8), scale=args.scale)
-    print(f"aigc t2i sample: {args.num} images of {args.prompt!r} ({args.sampler}, {args.steps} steps, "
+    print(f"aigc t2i sample: {args.num} images of {args.prompt!r} ({objective}, {sampler}, {args.steps} steps, "
           f"guidance {args.guidance:g}) -> {out}")
     return 0
 
