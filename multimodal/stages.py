@@ -76,6 +76,33 @@ class T2ITrainConfig:
 
 
 @dataclasses.dataclass
+class T2IConsistencyConfig:
+    """Settings of the `t2i_consistency` stage (consistency distillation or training, multimodal/consistency.py)."""
+
+    mode: str = "distill"  # distill (CD from t2i_train's model) | train (improved CT from scratch, same architecture)
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 2e-4  # CD starts from the teacher: small; CT from scratch wants ~2e-3
+    warmup_steps: int = 20
+    loss: str = "huber"  # pseudo-Huber, c = 0.00054·√d | l2
+    sigma_max: float = 80.0  # start of sampling: y = σ_max z (VP input ≈ pure noise)
+    sigma_data: float = 1.0  # the latents' std (the VAE's scaling factor makes it 1)
+    intervals: int = 25  # CD: Karras grid intervals between the teacher's σ(t=0) and sigma_max
+    solver: str = "ddim"  # CD: teacher ODE step, ddim (Euler in σ) | heun (2 guided teacher passes)
+    guidance: float = 3.0  # CD: the guided teacher's CFG scale, distilled; also the teacher's in the comparison
+    ema: float = 0.95  # CD: target network θ⁻ ← μ θ⁻ + (1 − μ) θ
+    ct_sigma_min: float = 0.002
+    ct_start_intervals: int = 10  # CT: grid intervals at the start, doubling in equal stages up to ct_max_intervals
+    ct_max_intervals: int = 160
+    p_mean: float = -0.4  # CT: ln σ ~ N(p_mean, p_std²) picks the grid interval (iCT's −1.1 for σ_data 0.5, + ln 2)
+    p_std: float = 2.0
+    sample_steps: tuple[int, ...] = (1, 2, 4)  # judged, and a grid each
+    eval_per_prompt: int = 20
+    checkpoint_every: int = 100
+    device: str = "cpu"
+
+
+@dataclasses.dataclass
 class NerfDataConfig:
     """Settings of the `nerf_data` stage (a ray-traced scene of spheres on a floor)."""
 
@@ -127,7 +154,7 @@ class GsplatConfig:
     min_opacity: float = 0.005  # pruned below
     max_screen_px: float = 32.0  # pruned above this screen radius (after the first opacity reset)
     reset_every: int = 600  # opacity reset period (0 = never)
-    tile: int = 16  # rasterizer tile side (pixels)
+    tile: int = 8  # rasterizer tile side (pixels); 8 renders 64² views fastest here (16: 1.5×, 32: 5× slower)
     eval_every: int = 300  # held-out PSNR/SSIM and a checkpoint; a multiple of densify_every
     turntable_frames: int = 24
     device: str = "cpu"  # the rasterizer is plain PyTorch; only "cpu" is tested
@@ -143,6 +170,7 @@ T2I_VAE_CODE = T2I_DATA_CODE + _files("vae")
 CHECKPOINT_CODE = ("recipes/loop_checkpoint.py", "recipes/data_parallel.py")
 T2I_TRAIN_CODE = T2I_VAE_CODE + _files("t2i_train", "t2i_model", "t2i_judge", "diffusion", "objectives", "dit",
                                        "text_encoder") + CHECKPOINT_CODE
+T2I_CONSISTENCY_CODE = T2I_TRAIN_CODE + _files("consistency", "figures", "zoo/common")
 NERF_DATA_CODE = _files("nerf_scene", "pictures")
 NERF_TRAIN_CODE = NERF_DATA_CODE + _files("nerf_train", "nerf_model", "image_metrics") + CHECKPOINT_CODE
 GSPLAT_CODE = NERF_TRAIN_CODE + _files("gsplat_train", "gsplat_render", "figures")
@@ -155,6 +183,10 @@ STAGES = {
     "t2i_train": Stage("t2i_train", T2ITrainConfig, "multimodal.t2i_train:run", inputs=("t2i_data", "t2i_vae"),
                        code=T2I_TRAIN_CODE,
                        key_metrics=("digit_accuracy_g1", "digit_accuracy_g3", "fid_like_g3", "train_s")),
+    "t2i_consistency": Stage("t2i_consistency", T2IConsistencyConfig, "multimodal.consistency:run",
+                             inputs=("t2i_data", "t2i_vae", "t2i_train"), code=T2I_CONSISTENCY_CODE,
+                             key_metrics=("cm_1step_digit_accuracy", "teacher_ddim1_digit_accuracy",
+                                          "cm_2step_fid_like", "cm_1step_speedup_images_per_s", "train_s")),
     "nerf_data": Stage("nerf_data", NerfDataConfig, "multimodal.nerf_scene:run", code=NERF_DATA_CODE,
                        key_metrics=("train_views", "test_views")),
     "nerf_train": Stage("nerf_train", NerfTrainConfig, "multimodal.nerf_train:run", inputs=("nerf_data",),
@@ -187,7 +219,7 @@ STAGES.update({
                          key_metrics=("class_accuracy", "motion_accuracy", "warp_error", "fid_like", "train_s")),
 })
 
-CHAINS = {"t2i": T2I_ORDER, "nerf": NERF_ORDER, "video": VIDEO_ORDER, "nerf_gsplat": ("nerf_data", "nerf_gsplat"), **{r.stage: ("t2i_data", r.stage) for r in RECIPES.values()}}
+CHAINS = {"t2i": T2I_ORDER, "t2i_consistency": T2I_ORDER + ("t2i_consistency",), "nerf": NERF_ORDER, "video": VIDEO_ORDER, "nerf_gsplat": ("nerf_data", "nerf_gsplat"), **{r.stage: ("t2i_data", r.stage) for r in RECIPES.values()}}
 
 COMMANDS = {
     "t2i": ("multimodal.cli:t2i_main", "text-to-image latent diffusion: train | sample \"a handwritten three\""),
@@ -213,6 +245,14 @@ PRESETS: dict[str, list[str]] = {
         "t2i_train.steps_curve=1,2",
         "t2i_train.dit_width=32",
         "t2i_train.dit_depth=2",
+        "t2i_consistency.steps=4",
+        "t2i_consistency.batch_size=16",
+        "t2i_consistency.warmup_steps=2",
+        "t2i_consistency.intervals=6",
+        "t2i_consistency.ct_start_intervals=2",
+        "t2i_consistency.ct_max_intervals=8",
+        "t2i_consistency.eval_per_prompt=2",
+        "t2i_consistency.checkpoint_every=2",
         "nerf_data.image_size=16",
         "nerf_data.views=12",
         "nerf_data.test_views=3",
