@@ -287,6 +287,32 @@ def zoo(doc: dict) -> str:
     ])
 
 
+def t2i_steps(doc: dict) -> str:
+    f = doc["figures"]
+    s = f["settings"]
+    steps = s["steps"]
+    rows = []
+    for c in f["combos"]:
+        for sampler in dict.fromkeys(p["sampler"] for p in c["points"]):
+            at = {p["steps"]: p for p in c["points"] if p["sampler"] == sampler}
+            rows.append([c["objective"], c["backbone"], sampler, "/".join(str(at[k]["nfe"]) for k in steps)]
+                        + [f"{at[k]['digit_accuracy']:.2f}/{at[k]['shape_accuracy']:.2f}, {at[k]['fid_like']:.0f}"
+                           for k in steps]
+                        + [f"{at[max(steps)]['images_per_s']:.0f}"])
+    trained = "; ".join(f"{c['objective']}/{c['backbone']} {n(c['params'])} parameters, {n(c['train_steps'])} steps "
+                        f"in {c['train_s']:.0f} s" for c in f["combos"])
+    return "\n".join([
+        provenance(doc), "",
+        f"Each objective/backbone trained once ({s['epochs']} epochs at batch 32; VAE {s['vae_steps']} steps), "
+        f"sampled with guidance {s['guidance']:g}, {s['per_prompt']} images per prompt (22 prompts), "
+        f"{s['threads']} thread; {f['wall_s']:.0f} s in all. Trained: {trained}. FID-like floor (two real sets of "
+        f"this size): {f['combos'][0]['fid_floor']}.", "",
+        table(["objective", "backbone", "sampler", "NFE at " + "/".join(map(str, steps)) + " steps"]
+              + [f"{k} steps: digit/shape acc, FID" for k in steps] + [f"images/s at {max(steps)}"], rows), "",
+        " ".join(f"![{Path(p).stem}]({p})" for p in f["plots"]),
+    ])
+
+
 RENDERERS = {  # block name -> (results files, renderer)
     "chain": (["chain"], chain),
     "openai_load": (["openai_load"], openai_load),
@@ -299,6 +325,7 @@ RENDERERS = {  # block name -> (results files, renderer)
     "curate_throughput": (["curate_throughput"], curate_throughput),
     "multimodal_quality": (["multimodal_quality"], multimodal_quality),
     "zoo": (["zoo"], zoo),
+    "t2i_steps": (["t2i_steps"], t2i_steps),
 }
 
 
