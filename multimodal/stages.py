@@ -17,6 +17,7 @@ from multimodal.zoo.registry import RECIPES
 from pipeline.stage import Stage
 
 T2I_ORDER: tuple[str, ...] = ("t2i_data", "t2i_vae", "t2i_train")
+T2I_CONSISTENCY_ORDER: tuple[str, ...] = T2I_ORDER + ("t2i_consistency",)  # `aigc t2i consistency`
 NERF_ORDER: tuple[str, ...] = ("nerf_data", "nerf_train")
 
 
@@ -219,7 +220,7 @@ STAGES.update({
                          key_metrics=("class_accuracy", "motion_accuracy", "warp_error", "fid_like", "train_s")),
 })
 
-CHAINS = {"t2i": T2I_ORDER, "t2i_consistency": T2I_ORDER + ("t2i_consistency",), "nerf": NERF_ORDER, "video": VIDEO_ORDER, "nerf_gsplat": ("nerf_data", "nerf_gsplat"), **{r.stage: ("t2i_data", r.stage) for r in RECIPES.values()}}
+CHAINS = {"t2i": T2I_ORDER, "t2i_consistency": T2I_CONSISTENCY_ORDER, "nerf": NERF_ORDER, "video": VIDEO_ORDER, "nerf_gsplat": ("nerf_data", "nerf_gsplat"), **{r.stage: ("t2i_data", r.stage) for r in RECIPES.values()}}
 
 COMMANDS = {
     "t2i": ("multimodal.cli:t2i_main", "text-to-image latent diffusion: train | sample \"a handwritten three\""),
