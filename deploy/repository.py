@@ -9,6 +9,7 @@ Layout (self-contained, so the repository can be moved or copied to another host
                                         weights where the backend is pytorch
     <repo>/<name>/1/model.onnx(.data)   backend onnx: the step function with explicit KV cache
     <repo>/<name>/1/engine/             backend tensorrt_llm: the TensorRT-LLM engine
+                                        (backend vllm runs the hf/ checkpoint in vLLM's engine)
     <repo>/<name>_stream/config.pbtxt   the same contract, decoupled: one response per new text piece
     <repo>/<name>_stream/1/model.py     the same model.py (+ llm_runtime); its files are ../<name>/1/...
 
@@ -27,7 +28,7 @@ from deploy.stages import ExportConfig
 MODEL_PY = Path(__file__).parent / "templates" / "model.py"
 RUNTIME = Path(__file__).parent / "llm_runtime"
 STREAM_SUFFIX = "_stream"
-BACKENDS = ("pytorch", "onnx", "tensorrt_llm")
+BACKENDS = ("pytorch", "onnx", "tensorrt_llm", "vllm")
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt")
 
 # (name, Triton type, dims, optional) of every input, per batch row.
@@ -65,6 +66,11 @@ def config_pbtxt(name: str, spec: ExportConfig, files: str, decoupled: bool) -> 
         from deploy.tensorrt_llm_export import ENGINE_DIR
 
         params["weights"] = f"{files}/{ENGINE_DIR}"
+    elif spec.backend == "vllm":
+        from deploy.vllm_env import vllm_python_path
+
+        params["python_path"] = vllm_python_path()  # model.py puts it first on sys.path
+        params["kv_cache_mib"] = str(spec.vllm_kv_cache_mib)
     parameters = "\n".join(
         f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()
     )
@@ -86,9 +92,10 @@ def config_pbtxt(name: str, spec: ExportConfig, files: str, decoupled: bool) -> 
 
 
 def write_model_files(hf_dir: Path, version_dir: Path, spec: ExportConfig) -> dict:
-    """Write what the backend runs into `version_dir` (hf/, and model.onnx or engine/); return
+    """Write what the backend runs into `version_dir` (hf/, and model.onnx or engine/; pytorch and
+    vllm run hf/'s weights); return
     figures of the export (for onnx: `onnx_max_abs_diff`, ONNX Runtime against PyTorch)."""
-    if spec.backend == "pytorch":
+    if spec.backend in ("pytorch", "vllm"):
         shutil.copytree(hf_dir, version_dir / "hf")
         return {}
     shutil.copytree(hf_dir, version_dir / "hf", ignore=shutil.ignore_patterns(*WEIGHT_FILES))

