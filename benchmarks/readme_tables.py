@@ -265,6 +265,24 @@ def multimodal_quality(doc: dict) -> str:
     ])
 
 
+def nerf_vs_gsplat(doc: dict) -> str:
+    f = doc["figures"]
+    names = {"nerf": "NeRF (PE + MLP, hierarchical)", "gsplat": "3D Gaussian splatting"}
+    rows = [[names[k], f"{r['test_psnr']:.2f}", f"{r['test_ssim']:.3f}", f"{r['train_s']:.0f}",
+             f"{r['train_cpu_s']:.0f}", f"{r['render_frames_per_s']:.2f}", f"{n(r['steps'])}",
+             f"{n(r['size'])} {r['size_unit']}"] for k, r in f["methods"].items()]
+    d = f["densify"]
+    return "\n".join([
+        provenance(doc), "",
+        table(["method", "held-out PSNR dB", "SSIM", "train s", "train CPU s", "render frames/s", "steps", "size"],
+              rows), "",
+        f"{f['test_views']} held-out views of {f['image_size']}×{f['image_size']} px, {f['train_views']} training "
+        f"views, {f['threads']} thread; frames/s timed over {f['passes']} passes in one process after training. "
+        f"Densification: {n(d['cloned'])} cloned, {n(d['split'])} split, {n(d['pruned'])} pruned. A constant "
+        f"mean-colour image scores {f['mean_colour_psnr']} dB.",
+    ])
+
+
 def zoo(doc: dict) -> str:
     rows = doc["figures"]["recipes"]
 
@@ -325,6 +343,7 @@ RENDERERS = {  # block name -> (results files, renderer)
     "curate_throughput": (["curate_throughput"], curate_throughput),
     "multimodal_quality": (["multimodal_quality"], multimodal_quality),
     "zoo": (["zoo"], zoo),
+    "nerf_vs_gsplat": (["nerf_vs_gsplat"], nerf_vs_gsplat),
     "t2i_steps": (["t2i_steps"], t2i_steps),
 }
 
