@@ -283,6 +283,7 @@ PRESETS: dict[str, list[str]] = {
         "video_train.batch_size=4",
         "video_train.sample_steps=2",
         "video_train.eval_per_prompt=1",
+        "video_train.judge_frames=300",
         *(line for r in RECIPES.values() for line in r.smoke),
     ],
 }

@@ -43,5 +43,6 @@ class VideoTrainConfig:
     sample_steps: int = 20  # DDIM steps
     guidance: float = 2.0  # classifier-free guidance scale of the judged samples and the GIF grid
     eval_per_prompt: int = 2  # generated clips per caption prompt (22 objects × 4 directions) for the metrics
+    judge_frames: int = 4000  # frames of training clips the per-frame judge (an MLP) is fitted on
     checkpoint_every: int = 200
     device: str = "cpu"

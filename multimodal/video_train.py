@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from multimodal.diffusion import diffusion_loss, make_train_scheduler
 from multimodal.figures import print_figures
@@ -31,12 +33,11 @@ from multimodal.text_encoder import TextEncoder, WordTokenizer
 from multimodal.video_data import DIRECTIONS, as_frames, prompts, read_clips, save_clip_grid, save_filmstrip
 from multimodal.video_metrics import clip_figures
 from multimodal.video_model import DENOISER_DIR, SCHEDULER_DIR, TEXT_DIR, VideoDenoiser, VideoModel
-from multimodal.zoo.common import final_loss, train_loop
+from multimodal.zoo.common import CHECKPOINTS, final_loss, train_loop
 from pipeline.stage import StageContext, StageResult
 
 GRID = ((3, "right"), (7, "up"), (10, "left"), (11, "down"), (15, "right"), (17, "up"), (19, "left"), (21, "down"))
 GRID_SEEDS = 4
-JUDGE_TRAIN_FRAMES = 4000  # frames of training clips the judge is fitted on (a sample: the MLP's time)
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
@@ -46,17 +47,19 @@ def lr_at(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def frame_judge(data: dict, per_class: int, seed: int):
-    """Return multimodal.t2i_judge's judge fitted on frames of the training clips (a sample), tested on the
-    frames of the held-out clips, with a class-balanced real reference of `per_class` frames per class."""
+def frame_judge(data: dict, train_frames: int, per_class: int, seed: int):
+    """Return multimodal.t2i_judge's judge fitted on `train_frames` frames of the training clips (a sample),
+    tested on the frames of the held-out clips, with a class-balanced real reference of `per_class` frames per
+    class. NumPy's BLAS runs on one thread (on a shared 2-core machine more threads ran the MLP slower)."""
     n, frames = data["clips"].shape[:2]
     images = data["clips"].reshape(n * frames, *data["clips"].shape[2:])  # (N·T, 3, F, F)
     labels, split = np.repeat(data["labels"], frames), np.repeat(data["split"], frames)
     train = np.flatnonzero(split == 0)
     rng = np.random.default_rng(seed)
-    keep = np.sort(np.concatenate([rng.choice(train, min(len(train), JUDGE_TRAIN_FRAMES), replace=False),
+    keep = np.sort(np.concatenate([rng.choice(train, min(len(train), train_frames), replace=False),
                                    np.flatnonzero(split == 1)]))
-    return build_judge({"images": images[keep], "labels": labels[keep], "split": split[keep]}, per_class, seed)
+    with threadpool_limits(1):
+        return build_judge({"images": images[keep], "labels": labels[keep], "split": split[keep]}, per_class, seed)
 
 
 def grid_prompts(digits: bool) -> tuple[list[str], list[int]]:
@@ -72,7 +75,7 @@ def measure(model: VideoModel, data: dict, cfg, seed: int) -> tuple[dict, np.nda
     speed, frames = meta["speed"], meta["frames"]
     todo = [(c, d, text) for c, d, text in prompts(meta["digits"]) for _ in range(cfg.eval_per_prompt)]
     classes, directions = np.array([c for c, _, _ in todo]), np.array([d for _, d, _ in todo])
-    judge = frame_judge(data, cfg.eval_per_prompt * len(DIRECTIONS) * frames, seed)
+    judge = frame_judge(data, cfg.judge_frames, cfg.eval_per_prompt * len(DIRECTIONS) * frames, seed)
     started = time.time()
     clips = model.generate([text for _, _, text in todo], [10_000 + i for i in range(len(todo))],
                            cfg.sample_steps, cfg.guidance)
@@ -148,6 +151,7 @@ def run(ctx: StageContext) -> StageResult:
                      cfg.checkpoint_every)
     model = VideoModel(denoiser, text, tokenizer, scheduler)
     model.save(ctx.out_dir)
+    shutil.rmtree(ctx.out_dir / CHECKPOINTS)
 
     started = time.time()
     quality, generated = measure(model, data, cfg, ctx.seed)
