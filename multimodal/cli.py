@@ -10,6 +10,8 @@ outputs in this process.
     aigc t2i train [--config tiny] [--run-dir runs/t2i] [--executor local|slurm] [key=value ...]
     aigc t2i vae steps=800                            (t2i_data -> t2i_vae only)
     aigc t2i sample "a handwritten three" [--steps 50] [--guidance 3] [--sampler ddim] [--num 8] [--out PNG]
+    aigc t2i consistency [mode=distill|train] [key=value ...]   (t2i_data -> ... -> t2i_train -> t2i_consistency)
+    aigc t2i sample "a handwritten three" --consistency [--steps 1..4]
     aigc nerf train [--config tiny] [--run-dir runs/nerf] [key=value ...]
     aigc nerf render --pose 30,25 [--out PNG]      |   aigc nerf render --turntable 36 [--out GIF]
     aigc zoo list   |   aigc zoo RECIPE train [--config tiny|smoke] [--run-dir runs/zoo] [key=value ...]
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from pipeline.cli import CLI_ERRORS, add_run_options, cmd_run_locked, print_error
 
-from multimodal.stages import NERF_ORDER, STAGES, T2I_ORDER
+from multimodal.stages import NERF_ORDER, STAGES, T2I_CONSISTENCY_ORDER
 
 
 def stage_commands(order: tuple[str, ...]) -> dict[str, str]:
@@ -80,7 +82,7 @@ def t2i_parser() -> argparse.ArgumentParser:
         "Text-to-image latent diffusion: a caption set (digits + drawn shapes), an AutoencoderKL, "
         "a text encoder + UNet2DConditionModel trained by DDPM with prompt dropout, sampled by DDIM/DDPM "
         "with classifier-free guidance and judged by a classifier trained on the real images.",
-        T2I_ORDER, "runs/t2i",
+        T2I_CONSISTENCY_ORDER, "runs/t2i",
         "sample", "generate images for a prompt from a trained run, as a PNG grid",
         "Generate --num images for PROMPT (seeds --seed, --seed+1, ...) with the "
         "model of a finished `aigc t2i train`, written as one PNG grid.",
@@ -88,7 +90,11 @@ def t2i_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help='caption, e.g. "a handwritten three" or "a red circle" (words outside the '
                    "training vocabulary are reported and ignored as [UNK])")
     p.add_argument("--run-dir", default="runs/t2i", help="run directory of `aigc t2i train` (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=25, help="sampler steps (default: %(default)s, as judged by t2i_train)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: 25, as judged by t2i_train; 1 with --consistency)")
+    p.add_argument("--consistency", action="store_true",
+                   help="sample the consistency model of `aigc t2i consistency` in --steps (1-4) network passes "
+                   "(--guidance and --sampler do not apply: a distilled model has its teacher's guidance built in)")
     p.add_argument("--guidance", type=float, default=3.0,
                    help="classifier-free guidance scale; 1 = conditional model alone, 0 = unconditional "
                    "(default: %(default)s)")
@@ -106,8 +112,12 @@ def t2i_parser() -> argparse.ArgumentParser:
 def t2i_main(argv: list[str]) -> int:
     """Run `aigc t2i`; return the exit code."""
     args = t2i_parser().parse_args(argv)
-    if args.command in stage_commands(T2I_ORDER):
-        return _run_stage(args, "t2i", stage_commands(T2I_ORDER)[args.command])
+    if args.command in stage_commands(T2I_CONSISTENCY_ORDER):
+        stage = stage_commands(T2I_CONSISTENCY_ORDER)[args.command]
+        return _run_stage(args, "t2i_consistency" if stage == "t2i_consistency" else "t2i", stage)
+    if args.consistency:
+        return consistency_sample(args)
+    args.steps = 25 if args.steps is None else args.steps
     run_dir = Path(args.run_dir)
     train_dir, vae_dir = run_dir / "t2i_train", run_dir / "t2i_vae" / "vae"
     if not (train_dir / "manifest.json").is_file() or not vae_dir.is_dir():
@@ -139,6 +149,38 @@ def t2i_main(argv: list[str]) -> int:
     save_grid(images, out, ncols=min(args.num, 8), scale=args.scale)
     print(f"aigc t2i sample: {args.num} images of {args.prompt!r} ({objective}, {sampler}, {args.steps} steps, "
           f"guidance {args.guidance:g}) -> {out}")
+    return 0
+
+
+def consistency_sample(args: argparse.Namespace) -> int:
+    """Run `aigc t2i sample --consistency`: images from the t2i_consistency stage's model; return the exit code."""
+    run_dir = Path(args.run_dir)
+    stage_dir, vae_dir = run_dir / "t2i_consistency", run_dir / "t2i_vae" / "vae"
+    if not (stage_dir / "manifest.json").is_file() or not vae_dir.is_dir():
+        print(f"aigc t2i sample: no consistency model in {run_dir}: run `aigc t2i consistency --run-dir {run_dir}` "
+              "first", file=sys.stderr)
+        return 2
+    steps = 1 if args.steps is None else args.steps
+    import torch
+
+    from multimodal.consistency import ConsistencyModel
+    from multimodal.pictures import save_grid
+
+    torch.set_num_threads(1)
+    model = ConsistencyModel.load(vae_dir, stage_dir, args.device)
+    if not 1 <= steps <= model.f.schedule.config.num_train_timesteps:
+        print(f"aigc t2i sample: --steps {steps}: 1 to {model.f.schedule.config.num_train_timesteps} (the model's "
+              "grid; it was judged at 1, 2 and 4)", file=sys.stderr)
+        return 2
+    unknown = model.tokenizer.unknown_words(args.prompt)
+    if unknown:
+        print(f"aigc t2i sample: not in the training vocabulary (ignored): {', '.join(unknown)}", file=sys.stderr)
+    images = model.generate([args.prompt] * args.num, [args.seed + i for i in range(args.num)], steps)
+    slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"
+    out = Path(args.out) if args.out else run_dir / "samples" / f"{slug}_cm{steps}.png"
+    save_grid(images, out, ncols=min(args.num, 8), scale=args.scale)
+    print(f"aigc t2i sample: {args.num} images of {args.prompt!r} (consistency model, {model.f.mode}, {steps} "
+          f"step{'s' if steps > 1 else ''}) -> {out}")
     return 0
 
 
