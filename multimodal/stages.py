@@ -157,7 +157,7 @@ class GsplatConfig:
     reset_every: int = 600  # opacity reset period (0 = never)
     tile: int = 8  # rasterizer tile side (pixels); 8 renders 64² views fastest here (16: 1.5×, 32: 5× slower)
     eval_every: int = 300  # held-out PSNR/SSIM and a checkpoint; a multiple of densify_every
-    turntable_frames: int = 24  # (no `device`: the rasterizer runs where the tensors are, CPU here)
+    turntable_frames: int = 24  # (no `device` setting: the PyTorch rasterizer runs on the CPU)
 
 
 def _files(*names: str) -> tuple[str, ...]:
