@@ -102,7 +102,7 @@ class ConsistencyFunction:
 
     def raw(self, y: torch.Tensor, sigma: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Return the network output F (B, C, h, w) at points y (B, C, h, w) of noise levels sigma (B,)."""
-        denoise = self.net if isinstance(self.net, DiT) else unet_denoiser(self.net)
+        denoise = unet_denoiser(self.net) if isinstance(self.net, UNet2DConditionModel) else self.net  # DiT, or a test's
         s = _col(sigma)
         if self.mode == "train":  # EDM input scaling, timestep 250 ln σ (the scheduler's sigma_to_t)
             sd = self.schedule.config.sigma_data
