@@ -31,7 +31,7 @@ from multimodal.pictures import save_line_plot
 from multimodal.t2i_judge import build_judge
 from multimodal.text_encoder import TextEncoder, WordTokenizer
 from multimodal.video_data import DIRECTIONS, as_frames, prompts, read_clips, save_clip_grid, save_filmstrip
-from multimodal.video_metrics import clip_figures
+from multimodal.video_metrics import clip_figures, motion_figures
 from multimodal.video_model import DENOISER_DIR, SCHEDULER_DIR, TEXT_DIR, VideoDenoiser, VideoModel
 from multimodal.zoo.common import CHECKPOINTS, final_loss, train_loop
 from pipeline.stage import StageContext, StageResult
@@ -89,9 +89,8 @@ def measure(model: VideoModel, data: dict, cfg, seed: int) -> tuple[dict, np.nda
     real_f = clip_figures(judge, real, real_classes, real_dirs, speed)
     static_f = clip_figures(judge, static, real_classes, real_dirs, speed)
     noise_f = clip_figures(judge, noise, real_classes, real_dirs, speed)
-    per_direction = {DIRECTIONS[d]: round(float(clip_figures(judge, clips[directions == d], classes[directions == d],
-                                                             directions[directions == d], speed)["motion_accuracy"]), 4)
-                     for d in range(len(DIRECTIONS))}
+    per_direction = {DIRECTIONS[d]: round(motion_figures(clips[directions == d], directions[directions == d])
+                                          ["motion_accuracy"], 4) for d in range(len(DIRECTIONS))}
     figures = {
         "judge_real_test_accuracy": round(judge.real_test_accuracy, 4),
         "fid_like_real_floor": round(judge.floor, 3),
@@ -147,8 +146,10 @@ def run(ctx: StageContext) -> StageResult:
         opt.step()
         return {"loss": loss.item()}
 
+    cpu_started = time.process_time()
     log = train_loop(ctx, "video", {"denoiser": denoiser, "text": text}, {"adamw": opt}, cfg.steps, step_fn, gen,
                      cfg.checkpoint_every)
+    train_cpu_s = time.process_time() - cpu_started  # this process's share (a resumed run: since the resume)
     model = VideoModel(denoiser, text, tokenizer, scheduler)
     model.save(ctx.out_dir)
     shutil.rmtree(ctx.out_dir / CHECKPOINTS)
@@ -177,6 +178,7 @@ def run(ctx: StageContext) -> StageResult:
         "steps": cfg.steps,
         "final_loss": final_loss(history),
         "train_s": round(log["train_s"], 1),
+        "train_cpu_s": round(train_cpu_s, 1),
         "eval_s": round(eval_s, 1),
         "sample_steps": cfg.sample_steps,
         "guidance": cfg.guidance,
