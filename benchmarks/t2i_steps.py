@@ -147,22 +147,22 @@ def main() -> None:
     steps_list = [int(s) for s in args.steps.split(",")]
     started = time.time()
     results = []
-    for combo in args.combos.split(","):
+    combos = args.combos.split(",")
+    for combo in combos:  # the results file is rewritten after each combination (a killed run keeps those done)
         objective, backbone = combo.split(":")
         run_dir = train(root, objective, backbone, args)
         results.append(sweep(run_dir, objective, backbone, steps_list, args.per_prompt, configs["run"].seed))
-    vae_m = read_manifest(root / f"{results[0]['objective']}-{results[0]['backbone']}" / "t2i_vae")["metrics"]
-    plots = save_plots(results, (RESULTS if args.config == "tiny" else root) / "t2i_steps")
-    console.print(f"plots: {', '.join(str(p) for p in plots)}; load average at end: {os.getloadavg()[0]:.1f}; "
-                  f"{time.time() - started:.0f} s in all")
-    if args.config != "tiny":
-        return
-    save("t2i_steps", {"settings": {"epochs": args.epochs, "per_prompt": args.per_prompt, "guidance": GUIDANCE,
-                                    "steps": steps_list, "overrides": args.overrides,
-                                    "threads": torch.get_num_threads(), "vae_steps": vae_m["steps"]},
-                       "wall_s": round(time.time() - started), "combos": results,
-                       "plots": [str(p.relative_to(RESULTS.parent.parent)) for p in plots]})
-
+        vae_m = read_manifest(root / f"{results[0]['objective']}-{results[0]['backbone']}" / "t2i_vae")["metrics"]
+        plots = save_plots(results, (RESULTS if args.config == "tiny" else root) / "t2i_steps")
+        console.print(f"plots: {', '.join(str(p) for p in plots)}; load average: {os.getloadavg()[0]:.1f}; "
+                      f"{time.time() - started:.0f} s so far")
+        if args.config != "tiny":
+            continue
+        save("t2i_steps", {"settings": {"epochs": args.epochs, "per_prompt": args.per_prompt, "guidance": GUIDANCE,
+                                        "steps": steps_list, "overrides": args.overrides,
+                                        "threads": torch.get_num_threads(), "vae_steps": vae_m["steps"]},
+                           "wall_s": round(time.time() - started), "combos_planned": combos, "combos": results,
+                           "plots": [str(p.relative_to(RESULTS.parent.parent)) for p in plots]})
 
 if __name__ == "__main__":
     main()
