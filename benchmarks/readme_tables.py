@@ -230,19 +230,44 @@ def pretrain_throughput(doc: dict) -> str:
 
 def curate_throughput(doc: dict) -> str:
     f = doc["figures"]
-    names = {"aigc": "aigc curate on Ray (2 CPUs)", "plain": "same stages, one process",
-             "datatrove": "datatrove, 2 workers"}
+    names = {"aigc": "aigc curate, 2 worker processes (default)", "aigc_ray": "aigc curate on a local Ray (2 CPUs)",
+             "plain": "same stages, one process", "datatrove": "datatrove, 2 workers"}
     rows = [[names[k], f[k]["seconds"], n(f[k]["docs_per_s"]), n(f[k]["after_filters"]), n(f[k]["final"]),
              f"{f[k]['dedup_recall']} / {f[k]['dedup_precision']}",
+             str(f[k].get("agreement_final", "–")),
              f"{f[k]['peak_gib']} GiB" if f[k]["peak_gib"] is not None else "–"] for k in names if k in f]
-    ratios = [f"aigc / {k}: {f['speedup_vs_' + k]}× documents/s" for k in ("plain", "datatrove")
+    ratios = [f"aigc / {k}: {f['speedup_vs_' + k]}× documents/s" for k in ("aigc_ray", "plain", "datatrove")
               if f"speedup_vs_{k}" in f]
+    if "ray_speedup_vs_datatrove" in f:
+        ratios.append(f"aigc on Ray / datatrove: {f['ray_speedup_vs_datatrove']}×")
+    work = table(["setting", "value", "aigc", "datatrove"], f["work"])
     return "\n".join([
         provenance(doc), "",
         table(["run", "seconds", "docs/s", "docs after filters", "final docs", "fuzzy-dedup recall / precision",
-               "peak memory"], rows), "",
-        f"{n(f['docs'])} generated documents; local Ray start + stop alone: {f['ray_start_stop_s']} s. "
-        + "; ".join(ratios) + ".",
+               "final ids vs datatrove's (Jaccard)", "peak memory"], rows), "",
+        f"{n(f['docs'])} generated documents. " + "; ".join(ratios) + ".", "",
+        "<details><summary>The table both sides are configured from (benchmarks/curation_work.py)</summary>", "",
+        work, "", "</details>",
+    ])
+
+
+def curation_quality(doc: dict) -> str:
+    f = doc["figures"]
+    keys = [("good_retention", "good documents kept"),
+            ("near_duplicate_recall", "near duplicates (5-gram Jaccard ≥ 0.75) removed"),
+            ("near_duplicate_recall_all", "all planted near copies removed (heavier edits included)"),
+            ("exact_duplicate_recall", "exact copies (whitespace / Unicode form) removed"),
+            ("junk_removal", "junk removed"), ("pii_recall", "planted personal data redacted"),
+            ("pii_false_redactions", "good documents redacted without planted data")]
+    rows = [[label, str(f["targets"].get(k, "–")), str(f["default"][k]), str(f["code_aware_off"][k])]
+            for k, label in keys]
+    d = f["default"]
+    kinds = ", ".join(f"{k} {v}" for k, v in d["junk_removal_by_kind"].items())
+    return "\n".join([
+        provenance(doc), "",
+        table(["figure", "target", "default settings", "code_aware=false"], rows), "",
+        f"{n(d['documents'])} labelled documents: " + ", ".join(f"{v} {k}" for k, v in d["labels"].items())
+        + f". Junk removed by kind (default): {kinds}. Good documents lost (default): {len(d['good_lost'])}.",
     ])
 
 
@@ -337,6 +362,32 @@ def t2i_steps(doc: dict) -> str:
     ])
 
 
+def video(doc: dict) -> str:
+    variants = doc["figures"]["variants"]
+    columns = ("class_accuracy", "object_accuracy", "colour_accuracy", "motion_accuracy", "warp_error",
+               "frame_difference", "identity_consistency", "fid_like")
+
+    def cells(row: dict) -> list[str]:
+        return ["–" if row.get(c) is None else f"{row[c]:.1f}" if c == "fid_like" else f"{row[c]:.3f}"
+                for c in columns]
+
+    rows = [[f"generated, temporal `{v}`", *cells(r["generated"])] for v, r in variants.items()]
+    rows += [[name, *cells(row)] for name, row in next(iter(variants.values()))["references"].items()]
+    train = "; ".join(f"`{v}`: {n(r['training']['denoiser_params'])} parameters, {n(r['training']['steps'])} steps "
+                      f"in {r['training']['train_s']:.0f} s ({r['training']['train_cpu_s']:.0f} CPU s)"
+                      for v, r in variants.items())
+    first = next(iter(variants.values()))
+    return "\n".join([
+        provenance(doc), "",
+        f"{train}; {first['data']['clips']} clips of {first['data']['frames']} frames at "
+        f"{first['data']['frame_size']}×{first['data']['frame_size']}, {first['training']['eval_clips']} generated "
+        f"clips judged (DDIM {first['training']['sample_steps']}, guidance {first['training']['guidance']:g}); "
+        f"the judge scores held-out real frames {first['training']['judge_real_test_accuracy']:.3f}.", "",
+        table(["clips", "class acc.", "object acc.", "colour acc.", "motion acc.", "warp error", "frame diff.",
+               "identity consistency", "FID-like"], rows),
+    ])
+
+
 RENDERERS = {  # block name -> (results files, renderer)
     "chain": (["chain"], chain),
     "openai_load": (["openai_load"], openai_load),
@@ -347,8 +398,10 @@ RENDERERS = {  # block name -> (results files, renderer)
     "dp_sft_dpo": (["dp_sft_dpo"], dp_sft_dpo),
     "pretrain_throughput": (["pretrain_throughput"], pretrain_throughput),
     "curate_throughput": (["curate_throughput"], curate_throughput),
+    "curation_quality": (["curation_quality"], curation_quality),
     "multimodal_quality": (["multimodal_quality"], multimodal_quality),
     "zoo": (["zoo"], zoo),
+    "video": (["video"], video),
     "nerf_vs_gsplat": (["nerf_vs_gsplat"], nerf_vs_gsplat),
     "t2i_steps": (["t2i_steps"], t2i_steps),
 }
