@@ -16,6 +16,8 @@ outputs in this process.
     aigc nerf render --pose 30,25 [--out PNG]      |   aigc nerf render --turntable 36 [--out GIF]
     aigc zoo list   |   aigc zoo RECIPE train [--config tiny|smoke] [--run-dir runs/zoo] [key=value ...]
     aigc zoo RECIPE sample [--num 16] [--seed 0] [--temperature T] [--label K] [--out PNG]
+    aigc video train [--config tiny] [--run-dir runs/video] [key=value ...]     (video_data -> video_train)
+    aigc video sample "a red circle moving right" [--steps 20] [--guidance 2] [--num 4] [--out GIF]
 """
 
 from __future__ import annotations
