@@ -387,7 +387,8 @@ def run(ctx: StageContext) -> StageResult:
         trainable = list(net.parameters()) + list(text.parameters())
     f = ConsistencyFunction(net, schedule, cfg.mode, log_sigmas if cfg.mode == "distill" else None)
     target = ConsistencyFunction(copy.deepcopy(net), schedule, cfg.mode, f.log_sigmas) if cfg.mode == "distill" else f
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    total, lr = (cfg.steps, cfg.lr) if cfg.mode == "distill" else (cfg.ct_steps, cfg.ct_lr)
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(ctx.seed)
     batch = min(cfg.batch_size, len(ids))
 
@@ -407,7 +408,7 @@ def run(ctx: StageContext) -> StageResult:
                 tgt = target(y_lo, lo, states, b_mask)
             weight = None
         else:
-            sigmas = karras_sigmas(schedule, ct_intervals(i, cfg.steps, cfg.ct_start_intervals, cfg.ct_max_intervals))
+            sigmas = karras_sigmas(schedule, ct_intervals(i, total, cfg.ct_start_intervals, cfg.ct_max_intervals))
             n = torch.multinomial(lognormal_index_probs(sigmas, cfg.p_mean, cfg.p_std), batch, replacement=True,
                                   generator=gen)
             hi, lo = sigmas[n].float().to(device), sigmas[n + 1].float().to(device)
@@ -417,7 +418,7 @@ def run(ctx: StageContext) -> StageResult:
             weight = 1.0 / (hi - lo)
         loss = consistency_loss(f(x0 + _col(hi) * z, hi, states, b_mask), tgt, cfg.loss, weight)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(i, cfg.steps, cfg.warmup_steps)
+            group["lr"] = lr * lr_factor(i, total, cfg.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -429,7 +430,7 @@ def run(ctx: StageContext) -> StageResult:
         return {"loss": loss.item()}
 
     modules = {"net": net, **({"target": target.net} if cfg.mode == "distill" else {"text": text})}
-    log = train_loop(ctx, cfg.mode, modules, {"adamw": opt}, cfg.steps, step, gen, cfg.checkpoint_every)
+    log = train_loop(ctx, cfg.mode, modules, {"adamw": opt}, total, step, gen, cfg.checkpoint_every)
     for m in (net, text, teacher.unet):
         m.eval()
     model = ConsistencyModel(teacher.vae, f, text, teacher.tokenizer)
@@ -442,7 +443,7 @@ def run(ctx: StageContext) -> StageResult:
         save_grid(model.generate(grid_p, grid_s, steps), ctx.out_dir / name, GRID_SEEDS, 3, grid_rows)
         pictures[f"samples_{steps}step"] = name
     history = log["history"]
-    window = max(1, cfg.steps // 20)
+    window = max(1, total // 20)
     save_line_plot({"loss (moving avg)": [(s, float(np.mean([v for _, v in history[max(0, i - window + 1): i + 1]])))
                                           for i, (s, _) in enumerate(history)]},
                    ctx.out_dir / "loss_curve.png", f"consistency {cfg.mode} loss ({cfg.loss})", "step")
@@ -462,7 +463,7 @@ def run(ctx: StageContext) -> StageResult:
         "backbone": "dit" if isinstance(net, DiT) else "unet",
         "params": sum(p.numel() for p in net.parameters()) + (sum(p.numel() for p in text.parameters())
                                                             if cfg.mode == "train" else 0),
-        "steps": cfg.steps,
+        "steps": total,
         "final_loss": final_loss(history),
         "train_s": round(log["train_s"], 1),
         "judge_real_test_accuracy": quality["judge_real_test_accuracy"],

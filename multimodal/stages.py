@@ -81,9 +81,11 @@ class T2IConsistencyConfig:
     """Settings of the `t2i_consistency` stage (consistency distillation or training, multimodal/consistency.py)."""
 
     mode: str = "distill"  # distill (CD from t2i_train's model) | train (improved CT from scratch, same architecture)
-    steps: int = 400
+    steps: int = 400  # CD optimiser steps (each: a guided teacher pass, student forward/backward, target forward)
     batch_size: int = 32
-    lr: float = 2e-4  # CD starts from the teacher: small; CT from scratch wants ~2e-3
+    lr: float = 2e-4  # CD: the student starts as the teacher (the teacher's own schedule ends at 2e-4)
+    ct_steps: int = 800  # CT from scratch: optimiser steps (each: online forward/backward, target forward)
+    ct_lr: float = 2e-3  # CT: the teacher's learning rate
     warmup_steps: int = 20
     loss: str = "huber"  # pseudo-Huber, c = 0.00054·√d | l2
     sigma_max: float = 80.0  # start of sampling: y = σ_max z (VP input ≈ pure noise)
@@ -246,6 +248,7 @@ PRESETS: dict[str, list[str]] = {
         "t2i_train.dit_width=32",
         "t2i_train.dit_depth=2",
         "t2i_consistency.steps=4",
+        "t2i_consistency.ct_steps=4",
         "t2i_consistency.batch_size=16",
         "t2i_consistency.warmup_steps=2",
         "t2i_consistency.intervals=6",
