@@ -8,7 +8,7 @@ JIT-compiles from gsplat/cuda/csrc with nvcc; its PyTorch reference
 does the same maths in PyTorch, with autograd for the backward pass, and keeps
 gsplat's conventions where it can (quaternions w-first, log-scales, opacity
 logits, SH coefficients (N, K, 3), the 0.3 px low-pass dilation, a 3σ footprint,
-α ≤ 0.99 and α ≥ 1/255, 16-px-style tiles).
+α ≤ 0.99 and α ≥ 1/255, depth-sorted lists per square tile).
 
 A Gaussian i has a mean μ_i, a covariance Σ_i = R S Sᵀ Rᵀ (R from a unit
 quaternion q_i, S = diag(exp(log_scale_i))), an opacity o_i = sigmoid(logit_i) and
