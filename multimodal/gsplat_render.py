@@ -4,7 +4,9 @@ Why not the `gsplat` library: gsplat 1.5.3 (PyPI, a py3-none-any wheel) has no
 CPU path. `gsplat.rasterization()` calls CUDA kernels that gsplat/cuda/_backend.py
 JIT-compiles from gsplat/cuda/csrc with nvcc; its PyTorch reference
 `gsplat.rendering._rasterization` still calls the CUDA wrapper
-`rasterize_to_indices_in_range` and needs nerfacc, itself CUDA-only. So this file
+`rasterize_to_indices_in_range` and needs nerfacc, itself CUDA-only. Tried here
+(gsplat 1.5.3 wheel, torch 2.13 CPU): `gsplat.rasterization` on CPU tensors tries the
+JIT build, finds no CUDA runtime and raises ImportError (gsplat_cuda.so). So this file
 does the same maths in PyTorch, with autograd for the backward pass, and keeps
 gsplat's conventions where it can (quaternions w-first, log-scales, opacity
 logits, SH coefficients (N, K, 3), the 0.3 px low-pass dilation, a 3σ footprint,
