@@ -38,6 +38,7 @@ from nemo_curator.tasks import DocumentBatch, FileGroupTask
 from curation import heuristics, langid, minhash, pii
 from curation.cleaning import clean_text, dedup_key
 from curation.decontam import contaminated
+from curation.prose import prose, prose_words
 from curation.quality_classifier import QualityModel, score
 from curation.readers import SUFFIXES, read_file
 from curation.stages import CurateConfig
@@ -167,12 +168,14 @@ class LanguageStage(DocumentStage):
 
     languages: list[str] = dataclasses.field(default_factory=lambda: ["en"])
     min_score: float = 0.5
+    code_aware: bool = True  # identify the language of the prose lines (curation.prose)
     name: str = "language"
 
     def process(self, batch: DocumentBatch) -> DocumentBatch:
         """Return the batch without documents in other languages or of too low confidence."""
         df = batch.to_pandas().copy()
-        found = langid.detect(df["text"].tolist())
+        texts = df["text"].tolist()
+        found = langid.detect([prose_words(t) or t for t in texts] if self.code_aware else texts)
         df["language"] = [lang for lang, _ in found]
         df["language_score"] = [s for _, s in found]
         reasons = np.array(
@@ -217,12 +220,22 @@ class HeuristicFilterStage(DocumentStage):
             for rule in heuristics.C4_LINE_RULES:
                 counts[f"lines_removed_{rule.removeprefix('c4_')}"] = sum(r.removed_lines[rule] for r in results)
             counts["citations_removed"] = sum(r.citations for r in results)
+        elif self.config.code_aware and self.group in PROSE_GROUPS:
+            proses = [prose(t) for t in texts]
+            scores = SCORERS[self.group](proses)
+            if self.group == "gopher_quality":  # length counts every word, code too
+                scores["word_count"] = heuristics.word_table(texts).counts.astype(float)
+            if self.group == "gopher_repetition":  # not measured on less prose than a document needs
+                short = heuristics.word_table(proses).counts < self.config.gopher_min_words
+                for values in scores.values():
+                    values[short] = 0.0
         else:
             scores = SCORERS[self.group](texts)
         reasons = heuristics.first_failures(heuristics.GROUPS[self.group], scores, self.config, skip)
         return drop(batch, self.name, df, reasons, counts)
 
 
+PROSE_GROUPS = ("gopher_repetition", "gopher_quality", "fineweb")  # groups whose rules judge prose (`code_aware`)
 SCORERS = {
     "gopher_quality": heuristics.gopher_quality_scores,
     "gopher_repetition": heuristics.gopher_repetition_scores,
@@ -362,7 +375,7 @@ def document_steps(
     """Return the per-batch document stages of `cfg`, in order, from cleaning to dedup signatures."""
     stages: list[ProcessingStage] = [CleanStage(cfg.fix_unicode, cfg.strip_markup, cfg.remove_urls)]
     if cfg.languages:
-        stages.append(LanguageStage(cfg.languages, cfg.min_language_score))
+        stages.append(LanguageStage(cfg.languages, cfg.min_language_score, cfg.code_aware))
     stages += [HeuristicFilterStage(group=g, config=cfg) for g in cfg.rule_groups]
     if eval_hashes is not None:
         stages.append(DecontaminationStage(eval_hashes, cfg.decontam_ngram))

@@ -11,7 +11,8 @@ Each kind is a regular expression plus a check that removes look-alikes:
   `ipaddress`; only global addresses are redacted (127.0.0.1, 10.x, 192.168.x
   and documentation ranges are code examples, not personal data).
 - credit_card: 13-19 digits, optionally grouped by spaces or dashes, that
-  pass the Luhn checksum.
+  pass the Luhn checksum; not the digits of a decimal number (`2.6220575542921198`)
+  nor an ISBN.
 
 A match is replaced by `replacement` with `{kind}` filled in with the kind's
 upper-case name, e.g. "<EMAIL>" for the default "<{kind}>".
@@ -36,7 +37,8 @@ PHONE = re.compile(
 )
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]?\d)")
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{1,4})*(?![\w:])")
-CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-]?\d)")
+# not the digits of a decimal fraction (3.50000000000000) nor an ISBN
+CARD = re.compile(r"(?<![\w.,-])(?<!ISBN )(?<!ISBN: )\d(?:[ -]?\d){12,18}(?![\w-]?\d)(?![.,]\d)")
 
 
 def luhn_valid(digits: str) -> bool:
