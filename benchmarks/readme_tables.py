@@ -350,6 +350,10 @@ def t2i_steps(doc: dict) -> str:
                         + [f"{at[max(steps)]['images_per_s']:.0f}"])
     trained = "; ".join(f"{c['objective']}/{c['backbone']} {n(c['params'])} parameters, {n(c['train_steps'])} steps "
                         f"in {c['train_s']:.0f} s" for c in f["combos"])
+    done = {f"{c['objective']}:{c['backbone']}" for c in f["combos"]}
+    missing = [c for c in f.get("combos_planned", []) if c not in done]
+    if missing:
+        trained += f". Not measured (the run was stopped first): {', '.join(missing)}"
     return "\n".join([
         provenance(doc), "",
         f"Each objective/backbone trained once ({s['epochs']} epochs at batch 32; VAE {s['vae_steps']} steps), "
