@@ -74,7 +74,7 @@ def test_vllm_answers_tritonclient_like_transformers_generate(served, reference)
             assert client.generate(prompt, max_tokens=16) == reference(prompt, 16)
         full = reference(PROMPTS[0], 16)
         stop = full[len(full) // 2: len(full) // 2 + 2]
-        assert client.generate(PROMPTS[0], max_tokens=16, stop_words=[stop]) == full[: full.index(stop)]
+        assert client.generate(PROMPTS[0], max_tokens=16, stop=[stop]) == full[: full.index(stop)]
         with pytest.raises(ServerError, match="text_input is empty"):
             client.generate("", max_tokens=4)
         with pytest.raises(ServerError, match="max_tokens must be between 1 and 512"):

@@ -65,6 +65,7 @@ class VLLMRunner:
         self.engine = LLMEngine.from_engine_args(EngineArgs(**engine_args(checkpoint, max_rows, context, threads,
                                                                           kv_cache_mib)))
         self.max_rows, self.max_pending, self.threads = max_rows, max_pending, threads
+        self.tokenizer = self.engine.get_tokenizer()
         self._incoming: collections.deque[Request] = collections.deque()
         self._active: dict[str, tuple[Request, list[str]]] = {}  # request id -> (request, [text sent])
         self._ids = itertools.count()
@@ -195,7 +196,13 @@ class VLLMRunner:
         if entry is None:
             return
         request, sent = entry
-        text = output.outputs[0].text
+        completion = output.outputs[0]
+        text = completion.text
+        if output.finished and not isinstance(completion.stop_reason, str):
+            # not cut by a stop string: the whole decode, as our decoder's final text, with the trailing
+            # bytes of an incomplete character ("\ufffd") that vLLM's incremental detokenizer holds back
+            whole = self.tokenizer.decode(list(completion.token_ids), skip_special_tokens=True)
+            text = whole if whole.startswith(text) else text
         piece = text[len(sent[0]):]
         if piece and request.on_piece is not None:
             request.on_piece(piece)
