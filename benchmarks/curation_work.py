@@ -12,6 +12,7 @@ What cannot be a row, and is made the same by other means:
   makes datatrove faster than with spaCy;
 - lines are split at "\\n" on both sides (datatrove's C4 `split_paragraph=True`);
 - cleaning is ftfy on both sides: aigc's markup stripping and URL removal are off;
+- the rules judge every line on both sides: aigc's code-aware mode (prose only) is off;
 - rules one side has and the other lacks are off: aigc's page-level boilerplate
   paragraph ratio (Curator's, not datatrove's), and with `minhash_threshold=0`
   aigc keeps every LSH candidate pair, as datatrove does.
@@ -67,6 +68,7 @@ AIGC_CHAIN = [
     "curate.strip_markup=false",
     "curate.remove_urls=false",
     "curate.fix_unicode=true",
+    "curate.code_aware=false",  # datatrove's rules judge every line
     "curate.max_docs=0",
     "curate.docs_per_shard=1000000",
 ]

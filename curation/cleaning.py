@@ -33,7 +33,11 @@ _ODD_SPACES = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _INVISIBLE = re.compile(r"[\u200b\u200c\u200d\u2060\ufeff]")
 _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_RUNS = re.compile(r"\n{3,}")
-_FTFY_CAN_CHANGE = re.compile(r"[^\t\n\x20-\x7e]")  # non-ASCII or control characters
+# a line ftfy may change: one with a character other than printable ASCII, tab, and the typographic
+# punctuation of ordinary English text (curly quotes, dashes, ellipsis, bullet), which on its own is
+# never mojibake (it takes a Latin-1 letter such as Ã or â) and is NFC already; the property test
+# checks this against ftfy
+_FTFY_CAN_CHANGE = re.compile("[^\t\n\x20-\x7e\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u2022]")
 
 HTML_ELEMENTS = (
     "a abbr address article aside b blockquote body br button caption center cite code dd div dl dt em "
@@ -59,7 +63,8 @@ def unicode_normalizer() -> UnicodeReformatter:
 def fix_unicode(text: str) -> str:
     """Return `text` repaired by ftfy and NFC-normalised, line by line as ftfy itself works.
 
-    Lines ftfy cannot change (ASCII without control characters) skip it.
+    Lines ftfy cannot change (ASCII without control characters, plus curly quotes, dashes,
+    ellipses and bullets) skip it.
     """
     if not _FTFY_CAN_CHANGE.search(text):
         return text

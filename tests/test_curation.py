@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nemo_curator.stages.base import ProcessingStage
 from nemo_curator.tasks import DocumentBatch
 
@@ -248,6 +250,15 @@ def test_unicode_fast_path_gives_what_ftfy_gives():
     ftfy = unicode_normalizer()
     for text in texts:
         assert fix_unicode(text) == ftfy.modify_document(text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("abcXYZ 019.,;:!?'\"()-\t\n") + list("\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u2022")
+                                        + list("\u00e2\u20ac\u00c3\u00a9\u0080\u00ad\u00a0e\u0301")),
+               max_size=40))
+def test_unicode_fast_path_gives_what_ftfy_gives_on_typographic_punctuation(text):
+    """Lines of ASCII and curly quotes/dashes skip ftfy: it would not change them (mojibake letters mixed in)."""
+    assert fix_unicode(text) == "\n".join(unicode_normalizer().modify_document(line) for line in text.split("\n"))
 
 
 def test_markup_stripping_keeps_prose_and_code_and_removes_urls_on_request():
