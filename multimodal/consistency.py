@@ -41,6 +41,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -54,13 +55,13 @@ from multimodal.dit import DiT
 from multimodal.figures import print_figures
 from multimodal.objectives import objective_of
 from multimodal.pictures import save_grid, save_line_plot
-from multimodal.t2i_data import class_prompts, read_caption_set
-from multimodal.t2i_judge import build_judge, judge_images
+from multimodal.t2i_data import class_prompts
+from multimodal.t2i_judge import judge_images
 from multimodal.t2i_model import DIT_DIR, SCHEDULER_DIR, TEXT_DIR, UNET_DIR, T2IModel
 from multimodal.t2i_train import GRID_SEEDS, grid_prompts_and_seeds, lr_factor, posterior_stats
 from multimodal.text_encoder import TextEncoder, WordTokenizer, load_text_encoder, save_text_encoder
 from multimodal.vae import to_model_range
-from multimodal.zoo.common import final_loss, train_loop
+from multimodal.zoo.common import CHECKPOINTS, ZooData, final_loss, get_judge, read_data, train_loop
 from pipeline.stage import StageContext, StageResult
 
 TEACHER_SCHEDULER_DIR = "teacher_scheduler"  # distill: the teacher's DDPM schedule (σ -> its timestep)
@@ -307,10 +308,10 @@ def judged(generate, judge, per_prompt: int) -> dict:
             "fid_like": round(j["fid_like"], 3), "images_per_s": round(len(images) / max(seconds, 1e-9), 1)}
 
 
-def evaluate(model: ConsistencyModel, teacher: T2IModel, data: dict, cfg, teacher_cfg: dict, seed: int) -> dict:
+def evaluate(model: ConsistencyModel, teacher: T2IModel, data: ZooData, cfg, teacher_cfg: dict, seed: int) -> dict:
     """Return the judged rows: the consistency model at each of `sample_steps`, the teacher's trailing DDIM at the
     same steps (guidance `guidance`), and the teacher's own sampler at its steps."""
-    judge = build_judge(data, cfg.eval_per_prompt, seed)
+    judge = get_judge(data, cfg.eval_per_prompt, seed)  # t2i_judge's, built once per process
     rows = []
     for steps in cfg.sample_steps:
         r = judged(lambda p, s: model.generate(p, s, steps), judge, cfg.eval_per_prompt)
@@ -360,7 +361,8 @@ def run(ctx: StageContext) -> StageResult:
         raise ValueError(f"t2i_consistency.mode={cfg.mode!r}: choose distill or train")
     torch.manual_seed(ctx.seed)
     device = cfg.device
-    data = read_caption_set(ctx.input_path("t2i_data", "dataset").parent)
+    zoo_data = read_data(ctx.input_path("t2i_data", "dataset").parent)
+    data = zoo_data.raw  # read_caption_set's dict
     vae_dir, train_dir = ctx.input_path("t2i_vae", "vae"), ctx.input_path("t2i_train", "text_encoder").parent
     teacher = T2IModel.load(vae_dir, train_dir, device)
     if objective_of(teacher.scheduler) != "ddpm":
@@ -435,6 +437,7 @@ def run(ctx: StageContext) -> StageResult:
         m.eval()
     model = ConsistencyModel(teacher.vae, f, text, teacher.tokenizer)
     model.save(ctx.out_dir, teacher.scheduler if cfg.mode == "distill" else None)
+    shutil.rmtree(ctx.out_dir / CHECKPOINTS, ignore_errors=True)
 
     grid_p, grid_s, grid_rows = grid_prompts_and_seeds(class_prompts())
     pictures = {}
@@ -449,7 +452,7 @@ def run(ctx: StageContext) -> StageResult:
                    ctx.out_dir / "loss_curve.png", f"consistency {cfg.mode} loss ({cfg.loss})", "step")
 
     started = time.time()
-    quality = evaluate(model, teacher, data, cfg, read_teacher_settings(ctx), ctx.seed)
+    quality = evaluate(model, teacher, zoo_data, cfg, read_teacher_settings(ctx), ctx.seed)
     quality["eval_s"] = round(time.time() - started, 1)
     (ctx.out_dir / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
     series = {}
