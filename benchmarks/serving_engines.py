@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-model", action="store_true", help="a random model of the tiny shape")
     parser.add_argument("--engines", default="pytorch,onnx,vllm", help="comma-separated export backends")
     parser.add_argument("--clients", default="1,4,16,32", help="comma-separated concurrent client counts")
-    parser.add_argument("--requests", type=int, default=16, help="baseline requests; c clients send max(requests, 2c)")
+    parser.add_argument("--requests", type=int, default=32, help="baseline requests; c clients send max(requests, 2c)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (baseline and every engine)")
