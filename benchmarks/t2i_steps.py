@@ -98,7 +98,8 @@ def sweep(run_dir: Path, objective: str, backbone: str, steps_list: list[int], p
     console.print(table)
     return {"objective": objective, "backbone": backbone, "params": train_m[f"{backbone}_params"],
             "train_steps": train_m["steps"], "train_s": train_m["train_s"], "final_loss": train_m["final_loss"],
-            "judge_real_accuracy": train_m["judge_real_test_accuracy"], "fid_floor": train_m["fid_like_real_floor"],
+            "judge_real_accuracy": round(judge.real_test_accuracy, 4), "fid_floor": round(judge.floor, 3),
+            "fid_floor_per_prompt": per_prompt,
             "points": points}
 
 
