@@ -351,6 +351,7 @@ def t2i_steps(doc: dict) -> str:
     trained = "; ".join(f"{c['objective']}/{c['backbone']} {n(c['params'])} parameters, {n(c['train_steps'])} steps "
                         f"in {c['train_s']:.0f} s" for c in f["combos"])
     done = {f"{c['objective']}:{c['backbone']}" for c in f["combos"]}
+    c0 = f["combos"][0]
     missing = [c for c in f.get("combos_planned", []) if c not in done]
     if missing:
         trained += f". Not measured (the run was stopped first): {', '.join(missing)}"
@@ -358,8 +359,10 @@ def t2i_steps(doc: dict) -> str:
         provenance(doc), "",
         f"Each objective/backbone trained once ({s['epochs']} epochs at batch 32; VAE {s['vae_steps']} steps), "
         f"sampled with guidance {s['guidance']:g}, {s['per_prompt']} images per prompt (22 prompts), "
-        f"{s['threads']} thread; {f['wall_s']:.0f} s in all. Trained: {trained}. FID-like floor (two real sets of "
-        f"this size): {f['combos'][0]['fid_floor']}.", "",
+        f"{s['threads']} thread; {f['wall_s']:.0f} s in all. Trained: {trained}. " + (
+            f"FID-like floor (two real sets of {c0['fid_floor_per_prompt']} per prompt): {c0['fid_floor']}."
+            if "fid_floor_per_prompt" in c0 else f"FID-like floor of the t2i_train stage's judge (two real sets of "
+            f"t2i_train.eval_per_prompt per prompt, more than the sweep's): {c0['fid_floor']}."), "",
         table(["objective", "backbone", "sampler", "NFE at " + "/".join(map(str, steps)) + " steps"]
               + [f"{k} steps: digit/shape acc, FID" for k in steps] + [f"images/s at {max(steps)}"], rows), "",
         " ".join(f"![{Path(p).stem}]({p})" for p in f["plots"]),
