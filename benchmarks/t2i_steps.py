@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--per-prompt", type=int, default=5, help="images per class prompt (default: %(default)s)")
     parser.add_argument("--steps", default="1,2,4,8,25,50", help="sampler steps (default: %(default)s)")
     parser.add_argument("--combos", default=COMBOS, help="objective:backbone,... (default: %(default)s)")
+    parser.add_argument("--name", default="t2i_steps", help="results name: benchmarks/results/NAME.json and its "
+                        "plots (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
     args = parser.parse_args()
     configs = resolve_configs(args.config, args.overrides)
@@ -154,12 +156,12 @@ def main() -> None:
         run_dir = train(root, objective, backbone, args)
         results.append(sweep(run_dir, objective, backbone, steps_list, args.per_prompt, configs["run"].seed))
         vae_m = read_manifest(root / f"{results[0]['objective']}-{results[0]['backbone']}" / "t2i_vae")["metrics"]
-        plots = save_plots(results, (RESULTS if args.config == "tiny" else root) / "t2i_steps")
+        plots = save_plots(results, (RESULTS if args.config == "tiny" else root) / args.name)
         console.print(f"plots: {', '.join(str(p) for p in plots)}; load average: {os.getloadavg()[0]:.1f}; "
                       f"{time.time() - started:.0f} s so far")
         if args.config != "tiny":
             continue
-        save("t2i_steps", {"settings": {"epochs": args.epochs, "per_prompt": args.per_prompt, "guidance": GUIDANCE,
+        save(args.name, {"settings": {"epochs": args.epochs, "per_prompt": args.per_prompt, "guidance": GUIDANCE,
                                         "steps": steps_list, "overrides": args.overrides,
                                         "threads": torch.get_num_threads(), "vae_steps": vae_m["steps"]},
                            "wall_s": round(time.time() - started), "combos_planned": combos, "combos": results,
