@@ -137,6 +137,26 @@ def triton_latency(pytorch: dict, onnx: dict) -> str:
     ])
 
 
+def serving_engines(doc: dict) -> str:
+    f = doc["figures"]
+    base = f["baseline"]
+    rows = [["`generate()` sequential", "1", f"{base['tokens_per_s']:.0f} (1.00×)",
+             f"{base['first_token']['p50_ms']:.1f} / {base['first_token']['p99_ms']:.1f} ms", "-"]]
+    for engine, result in f["engines"].items():
+        for c, r in result["by_clients"].items():
+            first = r["first_token"]
+            rows.append([engine, c, f"{r['tokens_per_s']:.0f} ({r['tokens_per_s'] / base['tokens_per_s']:.2f}×)",
+                         f"{first['p50_ms']:.1f} / {first['p99_ms']:.1f} ms", str(r["same_text_as_baseline"])])
+    ready = ", ".join(f"{e} {r['start_to_ready_s']:.0f} s" for e, r in f["engines"].items())
+    return "\n".join([
+        provenance(doc), "",
+        table(["engine", "clients", "streamed tokens/s (× generate)", "first token p50 / p99",
+               "same text as generate"], rows), "",
+        f"Model: {f['model']}, greedy, {f['max_tokens']} new tokens, {f['threads']} thread per engine. Fastest "
+        f"(tokens/s summed over the client counts): {f['fastest']}. Start to ready: {ready}.",
+    ])
+
+
 def sft_lora(doc: dict) -> str:
     f = doc["figures"]
     rows = []
@@ -399,6 +419,7 @@ RENDERERS = {  # block name -> (results files, renderer)
     "chain": (["chain"], chain),
     "openai_load": (["openai_load"], openai_load),
     "triton_latency": (["triton_latency_pytorch", "triton_latency_onnx"], triton_latency),
+    "serving_engines": (["serving_engines"], serving_engines),
     "sft_lora": (["sft_lora"], sft_lora),
     "alignment_methods": (["alignment_methods"], alignment_methods),
     "multirank_pretrain": (["multirank_pretrain"], multirank_pretrain),
