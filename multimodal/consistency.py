@@ -31,7 +31,7 @@ next σ, denoise, ...) are diffusers' `CMStochasticIterativeScheduler`, used as 
 
 Both losses are pseudo-Huber, √(‖Δ‖² + c²) − c with c = 0.00054 √d (d = latent dims), or `l2`.
 The stage judges the student at each of `sample_steps` against the teacher's DDIM at the
-same steps (trailing spacing: from t = 999, the strongest DDIM at few steps) and at the
+same steps (Euler in σ on the same noise levels from σ_max: teacher_ddim) and at the
 teacher's own sampler and steps: digit and shape accuracy, FID-like distance, images/s.
 """
 
@@ -47,10 +47,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, CMStochasticIterativeScheduler, DDIMScheduler, DDPMScheduler
+from diffusers import AutoencoderKL, CMStochasticIterativeScheduler, DDPMScheduler
 from diffusers import UNet2DConditionModel
 
-from multimodal.diffusion import sample as ddim_sample, unet_denoiser
+from multimodal.diffusion import unet_denoiser
 from multimodal.dit import DiT
 from multimodal.figures import print_figures
 from multimodal.objectives import objective_of
@@ -275,21 +275,31 @@ def teacher_ode_step(teacher: T2IModel, log_sigmas: torch.Tensor, y: torch.Tenso
     return y_next
 
 
-def teacher_ddim(teacher: T2IModel, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                 batch_size: int = 256) -> np.ndarray:
-    """Return images (B, S, S, 3) of the teacher's guided DDIM in `steps` steps with trailing timestep spacing
-    (from t = T−1: the strongest DDIM at few steps; t2i_train's own 'leading' DDIM starts at 1 step from t = 0)."""
-    ddim = DDIMScheduler.from_config(teacher.scheduler.config, clip_sample=False, set_alpha_to_one=True,
-                                     timestep_spacing="trailing")
+def teacher_ddim(teacher: T2IModel, schedule: CMStochasticIterativeScheduler, prompts: list[str], seeds: list[int],
+                 steps: int, guidance: float, batch_size: int = 256) -> np.ndarray:
+    """Return images (B, S, S, 3) of the teacher's guided DDIM in `steps` steps on the consistency sampler's grid.
+
+    DDIM is Euler on dy/dσ = ε̂ in σ (teacher_ode_step): from y = σ_max z through the noise levels the
+    consistency sampler visits in `steps` steps, then to σ = 0 (the last step returns the teacher's x0
+    estimate, as DDIM's does): the same start and levels as the student. (diffusers' DDIM with 'trailing'
+    spacing starts at t = 999, where this schedule's ᾱ ≈ 1e-9 amplifies the ε error of the x0 estimate ~2·10⁴
+    times; t2i_train's 'leading' spacing starts at t = 0 for one step.)
+    """
+    grid = CMStochasticIterativeScheduler.from_config(schedule.config)
+    grid.set_timesteps(steps)
+    sigmas = torch.cat([grid.sigmas[:-1], torch.zeros(1)]).to(teacher.device)  # σ_max, ..., 0
+    log_sigmas = teacher_log_sigmas(teacher.scheduler).to(teacher.device)
     out = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk_p, chunk_s = prompts[start: start + batch_size], seeds[start: start + batch_size]
-            noise = torch.stack([torch.randn(teacher.latent_shape(), generator=torch.Generator().manual_seed(s))
-                                 for s in chunk_s]).to(teacher.device)
-            latents = ddim_sample(teacher.denoiser(), ddim, noise, teacher.encode_prompts(chunk_p),
-                                  teacher.encode_prompts([""] * len(chunk_p)), steps, guidance)
-            out.append(teacher.decode(latents).permute(0, 2, 3, 1).cpu().numpy())
+            y = torch.stack([torch.randn(teacher.latent_shape(), generator=torch.Generator().manual_seed(s))
+                             for s in chunk_s]).to(teacher.device) * sigmas[0]
+            cond, uncond = teacher.encode_prompts(chunk_p), teacher.encode_prompts([""] * len(chunk_p))
+            for hi, lo in zip(sigmas[:-1], sigmas[1:]):
+                y = teacher_ode_step(teacher, log_sigmas, y, hi.expand(len(y)), lo.expand(len(y)), cond, uncond,
+                                     guidance, "ddim")
+            out.append(teacher.decode(y).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -309,16 +319,17 @@ def judged(generate, judge, per_prompt: int) -> dict:
 
 
 def evaluate(model: ConsistencyModel, teacher: T2IModel, data: ZooData, cfg, teacher_cfg: dict, seed: int) -> dict:
-    """Return the judged rows: the consistency model at each of `sample_steps`, the teacher's trailing DDIM at the
-    same steps (guidance `guidance`), and the teacher's own sampler at its steps."""
+    """Return the judged rows: the consistency model at each of `sample_steps`, the teacher's DDIM at the same steps
+    on the distillation grid's noise levels (guidance `guidance`), and the teacher's own sampler at its steps."""
     judge = get_judge(data, cfg.eval_per_prompt, seed)  # t2i_judge's, built once per process
+    grid = make_schedule(dataclasses.replace(cfg, mode="distill"), teacher.scheduler)
     rows = []
     for steps in cfg.sample_steps:
         r = judged(lambda p, s: model.generate(p, s, steps), judge, cfg.eval_per_prompt)
         rows.append({"model": f"cm_{cfg.mode}", "sampler": "consistency", "steps": steps, "nfe": steps, **r})
     for steps in cfg.sample_steps:
-        r = judged(lambda p, s: teacher_ddim(teacher, p, s, steps, cfg.guidance), judge, cfg.eval_per_prompt)
-        rows.append({"model": "teacher", "sampler": "ddim_trailing", "steps": steps, "nfe": steps, **r})
+        r = judged(lambda p, s: teacher_ddim(teacher, grid, p, s, steps, cfg.guidance), judge, cfg.eval_per_prompt)
+        rows.append({"model": "teacher", "sampler": "ddim", "steps": steps, "nfe": steps, **r})
     steps, sampler = teacher_cfg["sample_steps"], teacher_cfg["sampler"]
     r = judged(lambda p, s: teacher.generate(p, s, steps, cfg.guidance, sampler), judge, cfg.eval_per_prompt)
     rows.append({"model": "teacher", "sampler": sampler, "steps": steps, "nfe": steps, "default": True, **r})
