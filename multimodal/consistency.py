@@ -398,6 +398,7 @@ def run(ctx: StageContext) -> StageResult:
         net, text = fresh_copy(teacher)
         net, text = net.to(device), text.to(device)
         trainable = list(net.parameters()) + list(text.parameters())
+    net.register_to_config(_name_or_path="")  # not the teacher's path: the written config is the same in any run dir
     f = ConsistencyFunction(net, schedule, cfg.mode, log_sigmas if cfg.mode == "distill" else None)
     target = ConsistencyFunction(copy.deepcopy(net), schedule, cfg.mode, f.log_sigmas) if cfg.mode == "distill" else f
     total, lr = (cfg.steps, cfg.lr) if cfg.mode == "distill" else (cfg.ct_steps, cfg.ct_lr)

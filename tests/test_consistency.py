@@ -246,3 +246,31 @@ def test_consistency_stage_on_slurm_matches_the_local_run(slurm_cluster, smoke_r
     assert states == {"t2i_consistency": "completed"}, {n: jobs.stage_logs(records[n])[-2000:] for n in records}
     assert records["t2i_consistency"].executor == "slurm"
     assert untimed(read_manifest(slurm, "t2i_consistency")) == untimed(read_manifest(local, "t2i_consistency"))
+
+
+@pytest.mark.slow
+def test_a_short_distillation_beats_its_start_at_one_step(smoke_runs, tmp_path):
+    # the trivial baseline of CD is where it starts, the teacher's one-step estimate (its DDIM in one step from
+    # σ_max): after a short distillation (the smoke teacher, 60 steps) the one-step student lands closer to the end of
+    # the teacher's guided probability-flow ODE (its DDIM in 25 steps, the same starting noise) than that estimate
+    from multimodal.consistency import make_schedule, teacher_ddim
+    from multimodal.t2i_model import T2IModel
+    from pipeline.presets import resolve_configs
+    from pipeline.runner import configs_to_json, execute_stage
+
+    run = tmp_path / "run"
+    for stage in ("t2i_data", "t2i_vae", "t2i_train"):
+        shutil.copytree(smoke_runs["distill"] / stage, run / stage)
+    overrides = ["t2i_consistency.steps=60", "t2i_consistency.batch_size=32", "t2i_consistency.intervals=25",
+                 "t2i_consistency.lr=5e-4", "t2i_consistency.sample_steps=1", "t2i_consistency.checkpoint_every=60"]
+    configs = resolve_configs("smoke", overrides)
+    assert execute_stage(str(run), "t2i_consistency", configs_to_json(configs))["status"] == "completed"
+    teacher = T2IModel.load(run / "t2i_vae" / "vae", run / "t2i_train")
+    student = ConsistencyModel.load(run / "t2i_vae" / "vae", run / "t2i_consistency")
+    grid = make_schedule(configs["t2i_consistency"], teacher.scheduler)
+    prompts = ["a handwritten three", "a red circle", "a blue triangle", "a handwritten seven"] * 4
+    seeds = list(range(100, 116))
+    ode_end = teacher_ddim(teacher, grid, prompts, seeds, 25, 3.0)
+    before = float(((teacher_ddim(teacher, grid, prompts, seeds, 1, 3.0) - ode_end) ** 2).mean())
+    after = float(((student.generate(prompts, seeds, 1) - ode_end) ** 2).mean())
+    assert after < 0.8 * before, (after, before)
