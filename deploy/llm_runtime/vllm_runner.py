@@ -128,12 +128,13 @@ class VLLMRunner:
         return [texts[i] for i in range(len(requests))]
 
     def stop(self) -> None:
-        """Stop the engine thread (requests still running get an error)."""
+        """Stop the engine thread (requests still running get an error), then shut the engine core down."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+        self.engine.engine_core.shutdown()
 
     # -- the engine thread ----------------------------------------------------------------
 
