@@ -415,6 +415,42 @@ def video(doc: dict) -> str:
     ])
 
 
+def consistency(doc: dict) -> str:
+    f = doc["figures"]
+    t, modes = f["teacher"], f["modes"]
+    label = {"cm_distill": "CD student", "cm_train": "CT from scratch", "teacher": "teacher"}
+    first = next(iter(modes.values()))
+
+    def sampler(r):
+        if r["model"] != "teacher":
+            return "multistep consistency"
+        return f"{r['sampler'].upper()} (t2i_train's default)" if r.get("default") else "DDIM on the same σ levels"
+
+    def row(r):
+        return [label[r["model"]], sampler(r), r["steps"], f"{r['digit_accuracy']:.3f}", f"{r['shape_accuracy']:.3f}",
+                f"{r['fid_like']:.1f}", f"{r['images_per_s']:.1f}"]
+
+    rows = [row(r) for m in modes.values() for r in m["rows"] if r["model"] != "teacher"]
+    rows += [row(r) for r in first["rows"] if r["model"] == "teacher"]
+    trained = "; ".join(f"{label['cm_' + mode]}: {m['steps']:,} steps in {m['train_s']:.0f} s (stage {m['stage_s']:.0f} s)"
+                        for mode, m in modes.items())
+    headline = [f"CD at {h['steps']} step{'s' if h['steps'] > 1 else ''}: FID-like {h['fid_like']:.1f} vs the teacher's "
+                f"DDIM {h['teacher_ddim_fid_like']:.1f} at the same steps (ratio {h['fid_ratio_vs_teacher_ddim']:.2f}), "
+                f"digit / shape accuracy {h['digit_accuracy']:.3f} / {h['shape_accuracy']:.3f} vs "
+                f"{h['teacher_ddim_digit_accuracy']:.3f} / {h['teacher_ddim_shape_accuracy']:.3f}; "
+                f"{h['speedup_vs_teacher_default']:.2f}× the teacher's images/s at its default steps"
+                for h in modes.get("distill", {}).get("headline", []) if h["steps"] in (1, 2)]
+    return "\n".join([
+        provenance(doc), "",
+        f"Teacher: t2i_train's UNet ({n(t['unet_params'])} parameters, {n(t['steps'])} steps), guidance "
+        f"{first['guidance']:g} (two network passes per step; distilled into the CD student: one per step); "
+        f"{trained}; judge accuracy on real images {first['judge_real_test_accuracy']:.3f}, FID-like floor "
+        f"{first['fid_like_real_floor']}; {first['per_prompt']} images per prompt.", "",
+        table(["model", "sampler", "steps", "digit accuracy", "shape accuracy", "FID-like", "images/s"], rows), "",
+        "; ".join(headline) + ("." if headline else ""),
+    ])
+
+
 RENDERERS = {  # block name -> (results files, renderer)
     "chain": (["chain"], chain),
     "openai_load": (["openai_load"], openai_load),
@@ -432,6 +468,7 @@ RENDERERS = {  # block name -> (results files, renderer)
     "video": (["video"], video),
     "nerf_vs_gsplat": (["nerf_vs_gsplat"], nerf_vs_gsplat),
     "t2i_steps": (["t2i_steps"], t2i_steps),
+    "consistency": (["consistency"], consistency),
 }
 
 
