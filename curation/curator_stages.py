@@ -222,11 +222,12 @@ class HeuristicFilterStage(DocumentStage):
             counts["citations_removed"] = sum(r.citations for r in results)
         elif self.config.code_aware and self.group in PROSE_GROUPS:
             proses = [prose(t) for t in texts]
-            scores = SCORERS[self.group](proses)
+            table = heuristics.word_table(proses)
+            scores = SCORERS[self.group](proses, table)
             if self.group == "gopher_quality":  # length counts every word, code too
                 scores["word_count"] = heuristics.word_table(texts).counts.astype(float)
             if self.group == "gopher_repetition":  # not measured on less prose than a document needs
-                short = heuristics.word_table(proses).counts < self.config.gopher_min_words
+                short = table.counts < self.config.gopher_min_words
                 for values in scores.values():
                     values[short] = 0.0
         else:
