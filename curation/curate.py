@@ -21,6 +21,8 @@ Writes, under the stage directory:
     corpus/shard-NNNNN.jsonl   {"id", "text", "source", "language"} in input order ("source" = file:line)
                                (.parquet with output_format=parquet)
     rejects/rejects.jsonl      malformed input records: {"file", "line", "reason", "detail", "raw"}
+    rejects/filtered.jsonl     documents a filter removed: {"id", "step", "reason", "source"} (reason: the
+                               first rule failed, e.g. "word_count", "language_fr")
     rejects/duplicates.jsonl   exact copies removed: {"id", "duplicate_of"}
     rejects/near_duplicates.jsonl  fuzzy duplicates removed: {"id", "duplicate_of", "jaccard"}
     stats.json                 documents in/out, reasons and counts of every step
@@ -180,6 +182,12 @@ def run_curator(pipeline, cfg: CurateConfig) -> list:
 
     with ray_cluster(cfg.ray_address, cfg.ray_cpus):
         return pipeline.run(executor=RayDataExecutor())
+
+
+def filtered_documents(tasks: list) -> list[dict]:
+    """Return {"id", "step", "reason", "source"} of every document a filter step removed, in input order."""
+    records = sorted((r for t in tasks for r in t._metadata.get("filtered", [])), key=lambda r: r["order"])
+    return [{k: v for k, v in r.items() if k != "order"} for r in records]
 
 
 def merge_tasks(tasks: list) -> tuple[pd.DataFrame, list[dict], int]:
@@ -364,6 +372,7 @@ def run(ctx: StageContext) -> StageResult:
 
     out = Path(ctx.out_dir)
     write_jsonl(out / "rejects" / "rejects.jsonl", rejects)
+    write_jsonl(out / "rejects" / "filtered.jsonl", filtered_documents(tasks))
     check_rejects(len(rejects), lines, cfg.max_rejects_fraction, out / "rejects" / "rejects.jsonl")
     deduped = global_dedup(docs, cfg)
     write_jsonl(out / "rejects" / "duplicates.jsonl", deduped._metadata["duplicates"])

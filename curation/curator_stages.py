@@ -67,10 +67,15 @@ def with_step(batch: DocumentBatch, name: str, df: pd.DataFrame, step: dict, **m
 def drop(
     batch: DocumentBatch, name: str, df: pd.DataFrame, reasons: np.ndarray, counts: dict | None = None
 ) -> DocumentBatch:
-    """Return the batch without the documents whose reason is non-empty, recording the step."""
+    """Return the batch without the documents whose reason is non-empty, recording the step and, in the batch's
+    `filtered` metadata, each dropped document's {"id", "step", "reason", "source"}."""
     dropped = collections.Counter(r for r in reasons if r)
     kept = df[reasons == ""]
-    return with_step(batch, name, kept, step_record(len(df), len(kept), dropped, counts))
+    out = df[reasons != ""]
+    filtered = batch._metadata.get("filtered", []) + [
+        {"id": i, "step": name, "reason": r, "source": src, "order": (f, n)}
+        for i, r, src, f, n in zip(out["id"], reasons[reasons != ""], out["source"], out["file_index"], out["line"])]
+    return with_step(batch, name, kept, step_record(len(df), len(kept), dropped, counts), filtered=filtered)
 
 
 class DocumentStage(ProcessingStage[DocumentBatch, DocumentBatch]):

@@ -15,6 +15,8 @@ default) those rules and language id see only what this module keeps:
 - not lines without a letter or digit (`=====`, `-----` underlines), nor reStructuredText
   directives and citations (`.. math::`, `.. [1] https://...`);
 - not inline code and math: ``code``, `name`, :role:`target`, $x^2$;
+- not lists of names (a "See Also" section): lines that are only comma-separated single
+  tokens, two or more, or one code name (`snake_case`, `a.b.c`, `f()`);
 - everything else, in order (numpydoc parameter lists are prose: indentation
   alone does not make code).
 
@@ -28,6 +30,16 @@ import re
 FENCES = ("```", "~~~")
 INLINE = re.compile(r"(?::\w+:)?``[^`]+``|(?::\w+:)?`[^`]+`|\$[^$\n]+\$")  # ``code``, :role:`x`, `x`, $math$
 DOCTEST = (">>>", "...")
+NAME = re.compile(r"[\w.]+(?:\(\))?")  # one token of a name list
+CODE_NAME = re.compile(r"\w*_\w*|\w+(?:\.\w+)+|\w+\(\)")  # snake_case, a.b.c, f()
+
+
+def is_name_list(stripped: str) -> bool:
+    """Return whether a stripped line is only names: two or more comma-separated single tokens, or one code name."""
+    items = [item.strip() for item in stripped.rstrip(",").split(",")]
+    if not all(NAME.fullmatch(item) for item in items):
+        return False
+    return len(items) >= 2 or bool(CODE_NAME.fullmatch(items[0]))
 
 
 def prose(text: str) -> str:
@@ -59,6 +71,8 @@ def prose(text: str) -> str:
             literal_indent = indent
         if stripped.startswith(".. ") or (stripped and not any(c.isalnum() for c in stripped)):
             continue  # reStructuredText directives and citations; ruler lines
+        if stripped and is_name_list(stripped):
+            continue
         if "`" in line or "$" in line:
             line = INLINE.sub("", line)
         if stripped or (kept and kept[-1].strip()):  # one blank line where code was cut out, not a run

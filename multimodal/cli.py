@@ -1,4 +1,5 @@
-"""`aigc t2i data|vae|train|sample`, `aigc nerf data|train|render`, `aigc zoo`: the multimodal recipes from the command line.
+"""`aigc t2i data|vae|train|consistency|sample`, `aigc nerf data|train|gsplat|render`, `aigc video data|train|sample`,
+`aigc zoo`: the multimodal recipes from the command line.
 
 One subcommand per registered stage runs that stage and its upstream on the
 pipeline's runner (pipeline.cli.cmd_run_locked: NeMo-Run, `--executor
@@ -14,6 +15,8 @@ outputs in this process.
     aigc t2i sample "a handwritten three" --consistency [--steps 1..4]
     aigc nerf train [--config tiny] [--run-dir runs/nerf] [key=value ...]
     aigc nerf render --pose 30,25 [--out PNG]      |   aigc nerf render --turntable 36 [--out GIF]
+    aigc nerf gsplat [key=value ...]               (nerf_data -> nerf_gsplat: 3D Gaussian splatting, no NeRF)
+    aigc nerf render --gsplat --pose 30,25         (the Gaussians instead of the NeRF)
     aigc zoo list   |   aigc zoo RECIPE train [--config tiny|smoke] [--run-dir runs/zoo] [key=value ...]
     aigc zoo RECIPE sample [--num 16] [--seed 0] [--temperature T] [--label K] [--out PNG]
     aigc video train [--config tiny] [--run-dir runs/video] [key=value ...]     (video_data -> video_train)
@@ -31,7 +34,10 @@ from pathlib import Path
 
 from pipeline.cli import CLI_ERRORS, add_run_options, cmd_run_locked, print_error
 
-from multimodal.stages import NERF_ORDER, STAGES, T2I_CONSISTENCY_ORDER
+from multimodal.stages import STAGES
+
+T2I_CHAINS = ("t2i", "t2i_consistency")  # `aigc t2i consistency` runs the second
+NERF_CHAINS = ("nerf", "nerf_gsplat")  # `aigc nerf gsplat`: 3D Gaussian splatting on nerf_data's views
 
 
 def stage_commands(order: tuple[str, ...]) -> dict[str, str]:
@@ -44,10 +50,22 @@ def _settings(name: str) -> str:
     return f"  {name}: " + ", ".join(f.name for f in dataclasses.fields(STAGES[name].config_cls))
 
 
-def _add_stage_parsers(sub: argparse._SubParsersAction, order: tuple[str, ...], default_dir: str) -> None:
+def chain_commands(chains: tuple[str, ...]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Return {subcommand: (stage, the stages it runs)} of a recipe's registered chains: each stage's own command
+    runs its chain up to it (`aigc nerf gsplat`: nerf_data -> nerf_gsplat, without nerf_train)."""
+    from multimodal.stages import CHAINS
+
+    commands: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for chain in chains:
+        order = CHAINS[chain]
+        for command, name in stage_commands(order).items():
+            commands.setdefault(command, (name, order[: order.index(name) + 1]))
+    return commands
+
+
+def _add_stage_parsers(sub: argparse._SubParsersAction, chains: tuple[str, ...], default_dir: str) -> None:
     """Add one subcommand per stage of a recipe: it runs that stage and whichever stages it needs are not done."""
-    for command, name in stage_commands(order).items():
-        needs = order[: order.index(name) + 1]
+    for command, (name, needs) in chain_commands(chains).items():
         what = STAGES[name].config_cls.__doc__.split("(", 1)[-1].rstrip(").")
         p = sub.add_parser(command, help=f"run {' -> '.join(needs)} ({what}); finished stages are skipped",
                            description=f"Run {' -> '.join(needs)} through NeMo-Run under the stage contract: each "
@@ -56,6 +74,18 @@ def _add_stage_parsers(sub: argparse._SubParsersAction, order: tuple[str, ...], 
                            epilog="settings:\n" + "\n".join(_settings(n) for n in needs),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         add_run_options(p, default_dir)
+
+
+def run_stage_command(args: argparse.Namespace, chains: tuple[str, ...]) -> int | None:
+    """Run the stage of subcommand `args.command` (and its upstream) if it is one; return the exit code, or None
+    for a command that is not a stage's."""
+    from multimodal.stages import CHAINS
+
+    if args.command not in chain_commands(chains):
+        return None
+    stage, needs = chain_commands(chains)[args.command]
+    chain = next(c for c in chains if CHAINS[c][: len(needs)] == needs)
+    return _run_stage(args, chain, stage)
 
 
 def _run_stage(args: argparse.Namespace, chain: str, stage: str) -> int:
@@ -67,13 +97,13 @@ def _run_stage(args: argparse.Namespace, chain: str, stage: str) -> int:
         return 2
 
 
-def _command_parser(prog: str, description: str, order, default_dir: str,
+def _command_parser(prog: str, description: str, chains: tuple[str, ...], default_dir: str,
                     command: str, help: str, command_description: str):
-    """Return (the parser of `prog`, the parser of its `command`): one subcommand per stage of `order`, and `command`
-    that uses the trained stages."""
+    """Return (the parser of `prog`, the parser of its `command`): one subcommand per stage of the registered
+    `chains`, and `command` that uses the trained stages."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_stage_parsers(sub, order, default_dir)
+    _add_stage_parsers(sub, chains, default_dir)
     return parser, sub.add_parser(command, help=help, description=command_description)
 
 
@@ -84,7 +114,7 @@ def t2i_parser() -> argparse.ArgumentParser:
         "Text-to-image latent diffusion: a caption set (digits + drawn shapes), an AutoencoderKL, "
         "a text encoder + UNet2DConditionModel trained by DDPM with prompt dropout, sampled by DDIM/DDPM "
         "with classifier-free guidance and judged by a classifier trained on the real images.",
-        T2I_CONSISTENCY_ORDER, "runs/t2i",
+        T2I_CHAINS, "runs/t2i",
         "sample", "generate images for a prompt from a trained run, as a PNG grid",
         "Generate --num images for PROMPT (seeds --seed, --seed+1, ...) with the "
         "model of a finished `aigc t2i train`, written as one PNG grid.",
@@ -114,9 +144,9 @@ def t2i_parser() -> argparse.ArgumentParser:
 def t2i_main(argv: list[str]) -> int:
     """Run `aigc t2i`; return the exit code."""
     args = t2i_parser().parse_args(argv)
-    if args.command in stage_commands(T2I_CONSISTENCY_ORDER):
-        stage = stage_commands(T2I_CONSISTENCY_ORDER)[args.command]
-        return _run_stage(args, "t2i_consistency" if stage == "t2i_consistency" else "t2i", stage)
+    code = run_stage_command(args, T2I_CHAINS)
+    if code is not None:
+        return code
     if args.consistency:
         return consistency_sample(args)
     args.steps = 25 if args.steps is None else args.steps
@@ -193,10 +223,13 @@ def nerf_parser() -> argparse.ArgumentParser:
         "NeRF in pure PyTorch on a ray-traced scene (spheres on a floor, Blender-format "
         "transforms + PNGs): positional encoding + MLP, stratified + importance sampling, volume rendering; "
         "held-out PSNR/SSIM against training time.",
-        NERF_ORDER, "runs/nerf",
-        "render", "render a trained NeRF from a pose (PNG) or round the scene (GIF)",
-        "Render the fields of a finished `aigc nerf train` from a camera pose, or a turntable GIF.",
+        NERF_CHAINS, "runs/nerf",
+        "render", "render a trained NeRF (or --gsplat: the Gaussians) from a pose (PNG) or round the scene (GIF)",
+        "Render the fields of a finished `aigc nerf train` (or, with --gsplat, the 3D Gaussians of `aigc nerf "
+        "gsplat`) from a camera pose, or a turntable GIF.",
     )
+    p.add_argument("--gsplat", action="store_true",
+                   help="render the 3D Gaussian splatting model of `aigc nerf gsplat` instead of the NeRF")
     p.add_argument("--run-dir", default="runs/nerf", help="run directory of `aigc nerf train` (default: %(default)s)")
     p.add_argument("--pose", default="30,30",
                    help="camera: AZIMUTH,ELEVATION[,RADIUS] in degrees (looking at the scene centre; radius "
@@ -237,33 +270,30 @@ def parse_pose(text: str, radius: float):
 def nerf_main(argv: list[str]) -> int:
     """Run `aigc nerf`; return the exit code."""
     args = nerf_parser().parse_args(argv)
-    if args.command in stage_commands(NERF_ORDER):
-        return _run_stage(args, "nerf", stage_commands(NERF_ORDER)[args.command])
+    code = run_stage_command(args, NERF_CHAINS)
+    if code is not None:
+        return code
     if not args.turntable:
         try:
             pose_values(args.pose)  # a bad pose is refused before anything loads
         except ValueError as exc:
             print(f"aigc nerf render: {exc}", file=sys.stderr)
             return 2
-    from multimodal.nerf_train import MODEL_DIR
-
     run_dir = Path(args.run_dir)
-    model_dir = run_dir / "nerf_train" / MODEL_DIR
-    if not model_dir.is_dir():
-        print(f"aigc nerf render: no trained NeRF in {run_dir}: run `aigc nerf train --run-dir {run_dir}` first",
-              file=sys.stderr)
+    stage, command = ("nerf_gsplat", "gsplat") if args.gsplat else ("nerf_train", "train")
+    if not (run_dir / stage / "model").is_dir():
+        print(f"aigc nerf render: no trained {'Gaussians' if args.gsplat else 'NeRF'} in {run_dir}: run "
+              f"`aigc nerf {command} --run-dir {run_dir}` first", file=sys.stderr)
         return 2
     import torch
 
-    from multimodal.nerf_model import load_nerf
-    from multimodal.nerf_train import render_pose, turntable
     from multimodal.pictures import save_gif, save_grid
 
     torch.set_num_threads(1)
-    coarse, fine, render = load_nerf(model_dir, args.device)
+    render_at, around, render = nerf_renderer(run_dir / stage, args.gsplat, args.device)
     if args.turntable:
         out = Path(args.out) if args.out else run_dir / "turntable.gif"
-        save_gif(turntable(coarse, fine, render, args.turntable), out, scale=args.scale)
+        save_gif(around(args.turntable), out, scale=args.scale)
         print(f"aigc nerf render: {args.turntable} frames -> {out}")
         return 0
     try:
@@ -272,11 +302,28 @@ def nerf_main(argv: list[str]) -> int:
         print(f"aigc nerf render: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else run_dir / "render.png"
-    save_grid(render_pose(coarse, fine, render, c2w)[None], out, ncols=1, scale=args.scale)
+    save_grid(render_at(c2w)[None], out, ncols=1, scale=args.scale)
     position = ", ".join(f"{v:.2f}" for v in c2w[:3, 3])
     print(f"aigc nerf render: camera at ({position}), {math.degrees(2 * math.atan(0.5 * render['image_size'] / render['focal'])):.0f}° "
           f"field of view -> {out}")
     return 0
+
+
+def nerf_renderer(stage_dir: Path, gsplat: bool, device: str):
+    """Return (render one pose -> image (H, W, 3), render N turntable frames -> (N, H, W, 3), the render settings
+    with radius, image_size and focal) of a trained nerf_train (NeRF) or nerf_gsplat (Gaussians) stage."""
+    if gsplat:
+        from multimodal import gsplat_train
+
+        cloud, meta = gsplat_train.load_model(stage_dir)
+        return (lambda c2w: gsplat_train.render_pose(cloud, meta, c2w),
+                lambda frames: gsplat_train.turntable(cloud, meta, frames), meta)
+    from multimodal.nerf_model import load_nerf
+    from multimodal.nerf_train import MODEL_DIR, render_pose, turntable
+
+    coarse, fine, render = load_nerf(stage_dir / MODEL_DIR, device)
+    return (lambda c2w: render_pose(coarse, fine, render, c2w),
+            lambda frames: turntable(coarse, fine, render, frames), render)
 
 
 # ---------------------------------------------------------------- aigc zoo
@@ -367,15 +414,13 @@ def zoo_main(argv: list[str]) -> int:
 
 def video_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `aigc video`: data | train | sample PROMPT."""
-    from multimodal.stages import VIDEO_ORDER
-
     parser, p = _command_parser(
         "aigc video",
         "Text-to-video diffusion: captioned clips of a shape or digit moving in a straight line, a text encoder + "
         "factorised space-time denoiser (per-frame 2-D layers, temporal attention across frames) trained by DDPM "
         "with prompt dropout in pixel space, sampled by DDIM with classifier-free guidance; measured by a "
         "per-frame judge, the motion of the object's centroid and the frames' consistency.",
-        VIDEO_ORDER, "runs/video",
+        ("video",), "runs/video",
         "sample", "generate clips for a prompt from a trained run, as an animated GIF grid",
         "Generate --num clips for PROMPT (seeds --seed, --seed+1, ...) with the model of a finished "
         "`aigc video train`, written as one animated GIF.",
@@ -394,11 +439,10 @@ def video_parser() -> argparse.ArgumentParser:
 
 def video_main(argv: list[str]) -> int:
     """Run `aigc video`; return the exit code."""
-    from multimodal.stages import VIDEO_ORDER
-
     args = video_parser().parse_args(argv)
-    if args.command in stage_commands(VIDEO_ORDER):
-        return _run_stage(args, "video", stage_commands(VIDEO_ORDER)[args.command])
+    code = run_stage_command(args, ("video",))
+    if code is not None:
+        return code
     run_dir = Path(args.run_dir)
     train_dir = run_dir / "video_train"
     if not (train_dir / "manifest.json").is_file():

@@ -17,14 +17,15 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], to
 SAMPLERS = ("ddim", "ddpm", "dpm")
 
 
-def make_train_scheduler(timesteps: int, beta_schedule: str) -> DDPMScheduler:
-    """Return the DDPM noise schedule used in training (epsilon prediction, no clipping of x0).
+def make_train_scheduler(timesteps: int, beta_schedule: str, prediction: str = "epsilon") -> DDPMScheduler:
+    """Return the DDPM noise schedule used in training (the network predicts `prediction`: epsilon, sample or
+    v_prediction; no clipping of x0).
 
     clip_sample=False matters: DDIM built from this config inherits it, and clipping
     x0 to [-1, 1] breaks guided sampling of unit-variance latents.
     """
     return DDPMScheduler(num_train_timesteps=timesteps, beta_schedule=beta_schedule,
-                         prediction_type="epsilon", clip_sample=False)
+                         prediction_type=prediction, clip_sample=False)
 
 
 def make_sampler(train_scheduler: DDPMScheduler, sampler: str) -> DDPMScheduler | DDIMScheduler:
@@ -89,12 +90,15 @@ def unet_denoiser(unet: UNet2DConditionModel) -> Denoiser:
 
 def diffusion_loss(denoise: Denoiser, scheduler: DDPMScheduler, latents: torch.Tensor, states: torch.Tensor,
                    mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Return the DDPM epsilon-prediction MSE on latents (B, C, h, w) at uniformly drawn timesteps."""
+    """Return the DDPM MSE on latents (B, C, h, w) at uniformly drawn timesteps, against the target of the
+    scheduler's prediction type: the noise (epsilon), the clean latents (sample) or the velocity (v_prediction)."""
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)  # sqrt(a_t) x0 + sqrt(1 - a_t) eps
-    return (denoise(noisy, t, states, mask) - noise).pow(2).mean()
+    target = {"epsilon": lambda: noise, "sample": lambda: latents,
+              "v_prediction": lambda: scheduler.get_velocity(latents, noise, t)}[scheduler.config.prediction_type]()
+    return (denoise(noisy, t, states, mask) - target).pow(2).mean()
 
 
 def guided_eps(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor],

@@ -40,6 +40,9 @@ class VideoTrainConfig:
     prompt_dropout: float = 0.1  # share of captions replaced by the empty prompt (for classifier-free guidance)
     train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    prediction: str = "sample"  # what the denoiser predicts: sample (the clean clip) | epsilon | v_prediction
+    # (measured, 300 steps, shapes: class accuracy 0.45 / 0.10 / 0.20 and FID-like 11 / 3805 / 46: ε-prediction
+    # left visible noise in the mostly black frames of a short training)
     sample_steps: int = 20  # DDIM steps
     guidance: float = 2.0  # classifier-free guidance scale of the judged samples and the GIF grid
     eval_per_prompt: int = 2  # generated clips per caption prompt (22 objects × 4 directions) for the metrics

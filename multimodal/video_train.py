@@ -6,8 +6,9 @@ and the t2i VAE was trained on large centred objects, not small ones anywhere in
 no autoencoder the stage needs no upstream training and its errors are the denoiser's own.
 
 Training: each step draws `batch_size` training clips, replaces their caption by the empty
-prompt with probability `prompt_dropout` and minimises multimodal.diffusion's ε-prediction
-loss over the whole clip (one timestep per clip), with a warmup + cosine learning rate;
+prompt with probability `prompt_dropout` and minimises multimodal.diffusion's loss over the
+whole clip (one timestep per clip) against the target of `prediction` (default: the clean
+clip, x0-prediction), with a warmup + cosine learning rate;
 checkpoints every `checkpoint_every` steps (multimodal.zoo.common.train_loop) let a killed
 stage resume to the same weights. At the end: clips generated for every caption prompt are
 measured (multimodal.video_metrics) beside the real held-out clips and two trivial baselines
@@ -126,7 +127,7 @@ def run(ctx: StageContext) -> StageResult:
                        cfg.text_heads).to(device)
     denoiser = VideoDenoiser(tuple(cfg.channels), cfg.temporal, cfg.heads, cfg.text_dim, meta["frames"],
                              frame_size=meta["frame_size"]).to(device)
-    scheduler = make_train_scheduler(cfg.train_timesteps, cfg.beta_schedule)
+    scheduler = make_train_scheduler(cfg.train_timesteps, cfg.beta_schedule, cfg.prediction)
     params = list(denoiser.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(ctx.seed)
@@ -167,12 +168,13 @@ def run(ctx: StageContext) -> StageResult:
     window = 50
     smooth = [(s, float(np.mean([r[1] for r in history[max(0, i - window + 1): i + 1]])))
               for i, (s, *_) in enumerate(history)]
-    save_line_plot({"loss (moving avg)": smooth}, ctx.out_dir / "loss_curve.png", "video DDPM loss (epsilon MSE)",
+    save_line_plot({"loss (moving avg)": smooth}, ctx.out_dir / "loss_curve.png", f"video DDPM loss ({cfg.prediction} MSE)",
                    "step")
     (ctx.out_dir / "quality.json").write_text(json.dumps({**quality, "grid_prompts": grid_p[::GRID_SEEDS]},
                                                          indent=2) + "\n")
     metrics = {
         "temporal": cfg.temporal,
+        "prediction": cfg.prediction,
         "denoiser_params": sum(p.numel() for p in denoiser.parameters()),
         "text_params": sum(p.numel() for p in text.parameters()),
         "steps": cfg.steps,
