@@ -253,3 +253,24 @@ def test_gsplat_on_slurm_matches_the_local_run(slurm_cluster, smoke_run, tmp_pat
     for name in names:
         assert untimed(read_manifest(slurm, name)) == untimed(read_manifest(smoke_run, name)), name
         assert records[name].executor == "slurm"
+
+
+def test_aigc_nerf_gsplat_runs_its_chain_and_render_reads_it(tmp_path, capsys):
+    # `aigc nerf gsplat` runs nerf_data -> nerf_gsplat through NeMo-Run (no NeRF is trained); `render --gsplat`
+    # draws the Gaussians from a pose and round the scene; without --gsplat it asks for the NeRF
+    from PIL import Image
+
+    from multimodal.cli import nerf_main
+
+    run_dir = tmp_path / "run"
+    assert nerf_main(["gsplat", "--config", "smoke", "--run-dir", str(run_dir)]) == 0
+    assert read_manifest(run_dir, "nerf_gsplat")["status"] == "completed" and not (run_dir / "nerf_train").exists()
+    png, gif = tmp_path / "view.png", tmp_path / "round.gif"
+    assert nerf_main(["render", "--gsplat", "--run-dir", str(run_dir), "--pose", "30,20", "--out", str(png),
+                      "--scale", "1"]) == 0
+    assert min(Image.open(png).size) >= 16  # one 16×16 view (in a grid frame)
+    assert nerf_main(["render", "--gsplat", "--run-dir", str(run_dir), "--turntable", "2", "--out", str(gif)]) == 0
+    assert Image.open(gif).n_frames == 2
+    capsys.readouterr()
+    assert nerf_main(["render", "--run-dir", str(run_dir)]) == 2
+    assert "run `aigc nerf train" in capsys.readouterr().err
