@@ -100,3 +100,8 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def fmt(value) -> str:
+    """Return a table cell: "–" for None, 4 significant digits for a float, str() otherwise."""
+    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)

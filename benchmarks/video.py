@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from record import fmt  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -55,10 +56,6 @@ def rows_of(metrics: dict) -> dict[str, dict]:
                                         "warp_error": metrics["static_warp_error"], "frame_difference": 0.0},
         "uniform noise": {"class_accuracy": metrics["noise_class_accuracy"], "fid_like": metrics["noise_fid_like"]},
     }
-
-
-def fmt(value) -> str:
-    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from record import fmt  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -64,10 +65,6 @@ def row_of(name: str, manifest: dict) -> dict:
         "wall_s": round(manifest.get("wall_time_s", 0.0), 1),
         "key_metrics": {k: metrics[k] for k in recipe.key_metrics if k in metrics},
     }
-
-
-def fmt(value) -> str:
-    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def main() -> None:

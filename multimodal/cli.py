@@ -107,6 +107,16 @@ def _command_parser(prog: str, description: str, chains: tuple[str, ...], defaul
     return parser, sub.add_parser(command, help=help, description=command_description)
 
 
+def add_sample_options(p: argparse.ArgumentParser, item: str, num: int, kind: str) -> None:
+    """Add --num, --seed, --out, --scale and --device to a `sample` parser writing `num` `item`s to one `kind` file."""
+    p.add_argument("--num", type=int, default=num, help=f"{item}s to generate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of the first {item} (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help=f"{kind} to write (default: <run-dir>/samples/<prompt>.{kind.lower()})")
+    p.add_argument("--scale", type=int, default=4, help="pixel enlargement of the grid (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+
+
 def t2i_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `aigc t2i`."""
     parser, p = _command_parser(
@@ -133,11 +143,7 @@ def t2i_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=("ddim", "ddpm", "dpm", "em", "pc", "ode", "euler", "heun"),
                    help="one of the trained objective's samplers: ddpm: ddim|ddpm|dpm; vp_sde, ve_sde: em|pc|ode; "
                    "flow: euler|heun (default: the objective's, ddim for ddpm)")
-    p.add_argument("--num", type=int, default=8, help="images to generate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
-    p.add_argument("--out", default=None, help="PNG to write (default: <run-dir>/samples/<prompt>.png)")
-    p.add_argument("--scale", type=int, default=4, help="pixel enlargement of the grid (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    add_sample_options(p, "image", 8, "PNG")
     return parser
 
 
@@ -429,11 +435,7 @@ def video_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/video", help="run directory of `aigc video train` (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default: %(default)s)")
-    p.add_argument("--num", type=int, default=4, help="clips to generate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first clip (default: %(default)s)")
-    p.add_argument("--out", default=None, help="GIF to write (default: <run-dir>/samples/<prompt>.gif)")
-    p.add_argument("--scale", type=int, default=4, help="pixel enlargement (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    add_sample_options(p, "clip", 4, "GIF")
     return parser
 
 

@@ -16,6 +16,9 @@ def figures_table(title: str, metrics: dict) -> Table:
     return table
 
 
-def print_figures(title: str, metrics: dict) -> None:
-    """Print `metrics` as the figures table titled `title`."""
-    Console().print(figures_table(title, metrics))
+def print_figures(title: str, metrics: dict, rows: list[tuple[str, str]] = ()) -> None:
+    """Print `metrics` (but a "curve") as the figures table titled `title`, then any more (label, value) `rows`."""
+    table = figures_table(title, {k: v for k, v in metrics.items() if k != "curve"})
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)

@@ -36,12 +36,10 @@ import time
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
 from safetensors import safe_open
 from tqdm import tqdm
 
-from multimodal.figures import figures_table
+from multimodal.figures import print_figures
 from multimodal.gsplat_render import GaussianCloud, load_cloud, quat_to_rotmat, render, save_cloud
 from multimodal.image_metrics import psnr, ssim
 from multimodal.nerf_scene import BACKGROUND, orbit_pose, read_split
@@ -283,10 +281,9 @@ def run(ctx: StageContext) -> StageResult:
     }
     (ctx.out_dir / "curve.json").write_text(json.dumps(
         {"columns": ["step", "train_s", "train_cpu_s", "psnr", "ssim", "gaussians"], "rows": curve}, indent=1) + "\n")
-    table: Table = figures_table("nerf_gsplat: held-out views", {k: v for k, v in metrics.items() if k != "curve"})
-    for step, secs, cpu, p, s, n in curve:
-        table.add_row(f"step {int(step)} @ {secs:.0f}s ({cpu:.0f} CPU s)", f"PSNR {p:.2f} dB · SSIM {s:.3f} · {n} G")
-    Console().print(table)
+    print_figures("nerf_gsplat: held-out views", metrics, [
+        (f"step {int(step)} @ {secs:.0f}s ({cpu:.0f} CPU s)", f"PSNR {p:.2f} dB · SSIM {s:.3f} · {n} G")
+        for step, secs, cpu, p, s, n in curve])
     return StageResult(
         outputs={"model": MODEL_DIR, "test_views": "test_views.png", "renders": "renders",
                  "turntable": "turntable.gif", "psnr_curve": "psnr_curve.png", "curve": "curve.json"},

@@ -17,10 +17,9 @@ import time
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
 from tqdm import tqdm
 
+from multimodal.figures import print_figures
 from multimodal.image_metrics import psnr, ssim
 from multimodal.nerf_model import NerfField, render_image, render_rays, save_nerf
 from multimodal.nerf_scene import BACKGROUND, TARGET, camera_rays, orbit_pose, read_split
@@ -146,15 +145,9 @@ def run(ctx: StageContext) -> StageResult:
     }
     (ctx.out_dir / "curve.json").write_text(json.dumps(
         {"columns": ["step", "train_s", "train_cpu_s", "psnr", "ssim"], "rows": curve}, indent=1) + "\n")
-    table = Table(title="nerf_train: held-out views")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for k, v in metrics.items():
-        if k != "curve":
-            table.add_row(k, str(v))
-    for step, secs, cpu, p, s in curve:
-        table.add_row(f"step {int(step)} @ {secs:.0f}s ({cpu:.0f} CPU s)", f"PSNR {p:.2f} dB · SSIM {s:.3f}")
-    Console().print(table)
+    print_figures("nerf_train: held-out views", metrics, [
+        (f"step {int(step)} @ {secs:.0f}s ({cpu:.0f} CPU s)", f"PSNR {p:.2f} dB · SSIM {s:.3f}")
+        for step, secs, cpu, p, s in curve])
     return StageResult(
         outputs={"model": MODEL_DIR, "test_views": "test_views.png", "renders": "renders",
                  "turntable": "turntable.gif", "psnr_curve": "psnr_curve.png", "curve": "curve.json"},
