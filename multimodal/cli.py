@@ -117,6 +117,14 @@ def add_sample_options(p: argparse.ArgumentParser, item: str, num: int, kind: st
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
 
 
+def sample_path(args: argparse.Namespace, run_dir: Path, suffix: str) -> Path:
+    """Return --out, or <run-dir>/samples/<the prompt as a file name><suffix>."""
+    if args.out:
+        return Path(args.out)
+    slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"
+    return run_dir / "samples" / f"{slug}{suffix}"
+
+
 def t2i_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `aigc t2i`."""
     parser, p = _command_parser(
@@ -182,8 +190,7 @@ def t2i_main(argv: list[str]) -> int:
         return 2
     images = model.generate([args.prompt] * args.num, [args.seed + i for i in range(args.num)], args.steps,
                             args.guidance, sampler)
-    slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"
-    out = Path(args.out) if args.out else run_dir / "samples" / f"{slug}.png"
+    out = sample_path(args, run_dir, ".png")
     save_grid(images, out, ncols=min(args.num, 8), scale=args.scale)
     print(f"aigc t2i sample: {args.num} images of {args.prompt!r} ({objective}, {sampler}, {args.steps} steps, "
           f"guidance {args.guidance:g}) -> {out}")
@@ -214,8 +221,7 @@ def consistency_sample(args: argparse.Namespace) -> int:
     if unknown:
         print(f"aigc t2i sample: not in the training vocabulary (ignored): {', '.join(unknown)}", file=sys.stderr)
     images = model.generate([args.prompt] * args.num, [args.seed + i for i in range(args.num)], steps)
-    slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"
-    out = Path(args.out) if args.out else run_dir / "samples" / f"{slug}_cm{steps}.png"
+    out = sample_path(args, run_dir, f"_cm{steps}.png")
     save_grid(images, out, ncols=min(args.num, 8), scale=args.scale)
     print(f"aigc t2i sample: {args.num} images of {args.prompt!r} (consistency model, {model.f.mode}, {steps} "
           f"step{'s' if steps > 1 else ''}) -> {out}")
@@ -463,8 +469,7 @@ def video_main(argv: list[str]) -> int:
         print(f"aigc video sample: not in the training vocabulary (ignored): {', '.join(unknown)}", file=sys.stderr)
     clips = model.generate([args.prompt] * args.num, [args.seed + i for i in range(args.num)], args.steps,
                            args.guidance)
-    slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"
-    out = Path(args.out) if args.out else run_dir / "samples" / f"{slug}.gif"
+    out = sample_path(args, run_dir, ".gif")
     save_clip_grid(clips, out, ncols=min(args.num, 4), scale=args.scale)
     print(f"aigc video sample: {args.num} clips of {clips.shape[1]} frames of {args.prompt!r} (DDIM {args.steps} "
           f"steps, guidance {args.guidance:g}) -> {out}")

@@ -50,7 +50,7 @@ import torch
 from diffusers import AutoencoderKL, CMStochasticIterativeScheduler, DDPMScheduler
 from diffusers import UNet2DConditionModel
 
-from multimodal.diffusion import unet_denoiser
+from multimodal.diffusion import lr_factor, unet_denoiser
 from multimodal.dit import DiT
 from multimodal.figures import print_figures
 from multimodal.objectives import objective_of
@@ -58,7 +58,7 @@ from multimodal.pictures import save_grid, save_line_plot
 from multimodal.t2i_data import class_prompts
 from multimodal.t2i_judge import judge_images
 from multimodal.t2i_model import DIT_DIR, SCHEDULER_DIR, TEXT_DIR, UNET_DIR, T2IModel
-from multimodal.t2i_train import GRID_SEEDS, grid_prompts_and_seeds, lr_factor, posterior_stats
+from multimodal.t2i_train import GRID_SEEDS, grid_prompts_and_seeds, posterior_stats
 from multimodal.text_encoder import TextEncoder, WordTokenizer, load_text_encoder, save_text_encoder
 from multimodal.vae import to_model_range
 from multimodal.zoo.common import CHECKPOINTS, ZooData, final_loss, get_judge, read_data, train_loop

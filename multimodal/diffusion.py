@@ -8,6 +8,7 @@ the UNet wrapper below is one, a test can pass a constructed one.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -15,6 +16,14 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddim", "ddpm", "dpm")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Return the learning-rate multiplier of a training step: linear warmup, then cosine down to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_train_scheduler(timesteps: int, beta_schedule: str, prediction: str = "epsilon") -> DDPMScheduler:

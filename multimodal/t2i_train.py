@@ -15,7 +15,6 @@ against the number of network evaluations (quality_vs_nfe.png) over `steps_curve
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 
@@ -24,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from multimodal.diffusion import build_unet
+from multimodal.diffusion import build_unet, lr_factor
 from multimodal.dit import DiT
 from multimodal.figures import print_figures
 from multimodal.pictures import save_grid, save_line_plot
@@ -53,14 +52,6 @@ def posterior_stats(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 
         stds.append(post.std)
     scale = vae.config.scaling_factor
     return torch.cat(means) * scale, torch.cat(stds) * scale
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Return the learning-rate multiplier: linear warmup, then cosine down to 10%."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def grid_prompts_and_seeds(prompts: list[str]) -> tuple[list[str], list[int], list[str]]:

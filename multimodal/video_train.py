@@ -18,7 +18,6 @@ measured (multimodal.video_metrics) beside the real held-out clips and two trivi
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from multimodal.diffusion import diffusion_loss, make_train_scheduler
+from multimodal.diffusion import diffusion_loss, lr_factor, make_train_scheduler
 from multimodal.figures import print_figures
 from multimodal.pictures import save_line_plot
 from multimodal.t2i_judge import build_judge
@@ -39,13 +38,6 @@ from pipeline.stage import StageContext, StageResult
 
 GRID = ((3, "right"), (7, "up"), (10, "left"), (11, "down"), (15, "right"), (17, "up"), (19, "left"), (21, "down"))
 GRID_SEEDS = 4
-
-
-def lr_at(step: int, total: int, warmup: int) -> float:
-    """Return the learning-rate multiplier: linear warmup, then cosine down to 10%."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def frame_judge(data: dict, train_frames: int, per_class: int, seed: int):
@@ -140,7 +132,7 @@ def run(ctx: StageContext) -> StageResult:
         b_mask = torch.where(drop, null_mask, mask[idx]).to(device)
         loss = diffusion_loss(denoiser, scheduler, clips[idx].to(device), text(b_ids, b_mask), b_mask, gen)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_at(step, cfg.steps, cfg.warmup_steps)
+            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
