@@ -72,9 +72,14 @@ def drop(
     dropped = collections.Counter(r for r in reasons if r)
     kept = df[reasons == ""]
     out = df[reasons != ""]
+
+    def column(key: str, default) -> list:
+        return out[key].tolist() if key in out.columns else [default] * len(out)
+
     filtered = batch._metadata.get("filtered", []) + [
         {"id": i, "step": name, "reason": r, "source": src, "order": (f, n)}
-        for i, r, src, f, n in zip(out["id"], reasons[reasons != ""], out["source"], out["file_index"], out["line"])]
+        for i, r, src, f, n in zip(column("id", ""), reasons[reasons != ""], column("source", ""),
+                                   column("file_index", 0), column("line", 0))]
     return with_step(batch, name, kept, step_record(len(df), len(kept), dropped, counts), filtered=filtered)
 
 
