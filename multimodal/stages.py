@@ -225,8 +225,9 @@ STAGES.update({
 CHAINS = {"t2i": T2I_ORDER, "t2i_consistency": T2I_CONSISTENCY_ORDER, "nerf": NERF_ORDER, "video": VIDEO_ORDER, "nerf_gsplat": ("nerf_data", "nerf_gsplat"), **{r.stage: ("t2i_data", r.stage) for r in RECIPES.values()}}
 
 COMMANDS = {
-    "t2i": ("multimodal.cli:t2i_main", "text-to-image latent diffusion: train | sample \"a handwritten three\""),
-    "nerf": ("multimodal.cli:nerf_main", "NeRF on a ray-traced scene: train | render --pose az,el"),
+    "t2i": ("multimodal.cli:t2i_main", "text-to-image latent diffusion: train | consistency | sample \"a handwritten three\""),
+    "nerf": ("multimodal.cli:nerf_main", "NeRF and 3D Gaussian splatting on a ray-traced scene: train | gsplat | "
+             "render [--gsplat] --pose az,el"),
     "video": ("multimodal.cli:video_main", "text-to-video diffusion: data | train | sample \"a red circle moving "
               "right\""),
     "zoo": ("multimodal.cli:zoo_main", "generative-model zoo (AE, VAE, VQ-VAE, PixelCNN, GANs, flows): "
