@@ -70,15 +70,15 @@ def drop(
     """Return the batch without the documents whose reason is non-empty, recording the step and, in the batch's
     `filtered` metadata, each dropped document's {"id", "step", "reason", "source"}."""
     dropped = collections.Counter(r for r in reasons if r)
-    kept = df[reasons == ""]
-    out = df[reasons != ""]
+    removed = reasons != ""
+    kept, out = df[~removed], df[removed]
 
     def column(key: str, default) -> list:
         return out[key].tolist() if key in out.columns else [default] * len(out)
 
     filtered = batch._metadata.get("filtered", []) + [
         {"id": i, "step": name, "reason": r, "source": src, "order": (f, n)}
-        for i, r, src, f, n in zip(column("id", ""), reasons[reasons != ""], column("source", ""),
+        for i, r, src, f, n in zip(column("id", ""), reasons[removed], column("source", ""),
                                    column("file_index", 0), column("line", 0))]
     return with_step(batch, name, kept, step_record(len(df), len(kept), dropped, counts), filtered=filtered)
 

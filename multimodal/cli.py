@@ -50,22 +50,22 @@ def _settings(name: str) -> str:
     return f"  {name}: " + ", ".join(f.name for f in dataclasses.fields(STAGES[name].config_cls))
 
 
-def chain_commands(chains: tuple[str, ...]) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Return {subcommand: (stage, the stages it runs)} of a recipe's registered chains: each stage's own command
-    runs its chain up to it (`aigc nerf gsplat`: nerf_data -> nerf_gsplat, without nerf_train)."""
+def chain_commands(chains: tuple[str, ...]) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+    """Return {subcommand: (chain, stage, the stages it runs)} of a recipe's registered chains: each stage's own
+    command runs its chain up to it (`aigc nerf gsplat`: nerf_data -> nerf_gsplat, without nerf_train)."""
     from multimodal.stages import CHAINS
 
-    commands: dict[str, tuple[str, tuple[str, ...]]] = {}
+    commands: dict[str, tuple[str, str, tuple[str, ...]]] = {}
     for chain in chains:
         order = CHAINS[chain]
         for command, name in stage_commands(order).items():
-            commands.setdefault(command, (name, order[: order.index(name) + 1]))
+            commands.setdefault(command, (chain, name, order[: order.index(name) + 1]))
     return commands
 
 
 def _add_stage_parsers(sub: argparse._SubParsersAction, chains: tuple[str, ...], default_dir: str) -> None:
     """Add one subcommand per stage of a recipe: it runs that stage and whichever stages it needs are not done."""
-    for command, (name, needs) in chain_commands(chains).items():
+    for command, (_, name, needs) in chain_commands(chains).items():
         what = STAGES[name].config_cls.__doc__.split("(", 1)[-1].rstrip(").")
         p = sub.add_parser(command, help=f"run {' -> '.join(needs)} ({what}); finished stages are skipped",
                            description=f"Run {' -> '.join(needs)} through NeMo-Run under the stage contract: each "
@@ -79,12 +79,10 @@ def _add_stage_parsers(sub: argparse._SubParsersAction, chains: tuple[str, ...],
 def run_stage_command(args: argparse.Namespace, chains: tuple[str, ...]) -> int | None:
     """Run the stage of subcommand `args.command` (and its upstream) if it is one; return the exit code, or None
     for a command that is not a stage's."""
-    from multimodal.stages import CHAINS
-
-    if args.command not in chain_commands(chains):
+    found = chain_commands(chains).get(args.command)
+    if found is None:
         return None
-    stage, needs = chain_commands(chains)[args.command]
-    chain = next(c for c in chains if CHAINS[c][: len(needs)] == needs)
+    chain, stage, _ = found
     return _run_stage(args, chain, stage)
 
 

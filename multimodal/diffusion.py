@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddim", "ddpm", "dpm")
+PREDICTIONS = ("epsilon", "sample", "v_prediction")  # what a denoiser can be trained to predict
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -33,6 +34,8 @@ def make_train_scheduler(timesteps: int, beta_schedule: str, prediction: str = "
     clip_sample=False matters: DDIM built from this config inherits it, and clipping
     x0 to [-1, 1] breaks guided sampling of unit-variance latents.
     """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
     return DDPMScheduler(num_train_timesteps=timesteps, beta_schedule=beta_schedule,
                          prediction_type=prediction, clip_sample=False)
 
@@ -105,8 +108,13 @@ def diffusion_loss(denoise: Denoiser, scheduler: DDPMScheduler, latents: torch.T
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)  # sqrt(a_t) x0 + sqrt(1 - a_t) eps
-    target = {"epsilon": lambda: noise, "sample": lambda: latents,
-              "v_prediction": lambda: scheduler.get_velocity(latents, noise, t)}[scheduler.config.prediction_type]()
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        target = noise
+    elif prediction == "sample":
+        target = latents
+    else:
+        target = scheduler.get_velocity(latents, noise, t)
     return (denoise(noisy, t, states, mask) - target).pow(2).mean()
 
 
